@@ -1,0 +1,57 @@
+"""Cron expressions evaluated in a user's time zone.
+
+A schedule "0 9 * * 1-5" in Europe/Paris means 09:00 Paris time, across DST changes.
+Every returned datetime is timezone-aware UTC, which is what the database stores.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterBadCronError, CroniterBadDateError, croniter
+
+from flowbuilder.platform.errors import ValidationFailed
+
+
+def get_timezone(name: str) -> ZoneInfo:
+    """The IANA zone called ``name``, or ValidationFailed naming it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValidationFailed([f"timezone: unknown time zone {name!r}"], what="schedule") from exc
+
+
+def validate_cron_expression(expression: str) -> bool:
+    """True for a valid five-field cron expression."""
+    if not isinstance(expression, str) or len(expression.split()) != 5:
+        return False
+    try:
+        croniter(expression)
+    except (CroniterBadCronError, CroniterBadDateError, ValueError, KeyError):
+        return False
+    return True
+
+
+def check_schedule(expression: str, timezone: str = "UTC") -> None:
+    """Raise ValidationFailed naming what is wrong with a cron schedule."""
+    problems = []
+    if not validate_cron_expression(expression):
+        problems.append(f"cron: invalid cron expression {expression!r}")
+    try:
+        get_timezone(timezone)
+    except ValidationFailed as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ValidationFailed(problems, what="schedule")
+
+
+def get_next_run_date(
+    expression: str, *, timezone: str = "UTC", after: datetime | None = None
+) -> datetime:
+    """The next time ``expression`` fires after ``after`` (default now), in UTC."""
+    check_schedule(expression, timezone)
+    zone = get_timezone(timezone)
+    start = (after or datetime.now(UTC)).astimezone(zone)
+    nxt = croniter(expression, start).get_next(datetime)
+    return nxt.astimezone(UTC)

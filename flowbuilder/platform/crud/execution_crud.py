@@ -1,0 +1,263 @@
+"""Workflow executions: creation, scoped reads, checked status transitions, leases."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from flowbuilder.platform.errors import InvalidTransition, NotFound
+from flowbuilder.platform.models import (
+    ExecutionStatus,
+    TriggerType,
+    WorkflowExecution,
+    utcnow,
+)
+
+# Which status may follow which. Terminal statuses have no way out.
+_ALLOWED: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
+    ExecutionStatus.PENDING: frozenset(
+        {ExecutionStatus.RUNNING, ExecutionStatus.CANCELLED, ExecutionStatus.FAILED}
+    ),
+    ExecutionStatus.RUNNING: frozenset(
+        {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+    ),
+    ExecutionStatus.COMPLETED: frozenset(),
+    ExecutionStatus.FAILED: frozenset(),
+    ExecutionStatus.CANCELLED: frozenset(),
+}
+
+
+def check_transition(execution: WorkflowExecution, target: ExecutionStatus) -> None:
+    if target not in _ALLOWED[execution.status]:
+        raise InvalidTransition("execution", execution.id, execution.status, target)
+
+
+def create_execution(
+    *,
+    session: Session,
+    user_id: uuid.UUID,
+    workflow_id: uuid.UUID | None,
+    workflow_version_id: uuid.UUID | None,
+    trigger: TriggerType = TriggerType.MANUAL,
+    inputs: dict[str, Any] | None = None,
+    correlation_id: str | None = None,
+) -> WorkflowExecution:
+    execution = WorkflowExecution(
+        user_id=user_id,
+        workflow_id=workflow_id,
+        workflow_version_id=workflow_version_id,
+        trigger=trigger,
+        inputs=inputs,
+        correlation_id=correlation_id,
+    )
+    session.add(execution)
+    session.flush()
+    return execution
+
+
+def get_execution_by_id_and_user(
+    *, session: Session, execution_id: uuid.UUID, user_id: uuid.UUID
+) -> WorkflowExecution:
+    execution = session.exec(
+        select(WorkflowExecution).where(
+            WorkflowExecution.id == execution_id, WorkflowExecution.user_id == user_id
+        )
+    ).first()
+    if execution is None:
+        raise NotFound("execution", execution_id)
+    return execution
+
+
+def get_execution(*, session: Session, execution_id: uuid.UUID) -> WorkflowExecution:
+    """Unscoped read, for the worker, which only ever receives ids it was sent."""
+    execution = session.get(WorkflowExecution, execution_id)
+    if execution is None:
+        raise NotFound("execution", execution_id)
+    return execution
+
+
+def list_executions_for_user(
+    *,
+    session: Session,
+    user_id: uuid.UUID,
+    limit: int = 50,
+    offset: int = 0,
+    workflow_id: uuid.UUID | None = None,
+) -> list[WorkflowExecution]:
+    """A page of the user's executions, newest first."""
+    stmt = select(WorkflowExecution).where(WorkflowExecution.user_id == user_id)
+    if workflow_id is not None:
+        stmt = stmt.where(WorkflowExecution.workflow_id == workflow_id)
+    stmt = (
+        stmt.order_by(WorkflowExecution.created_at.desc(), WorkflowExecution.id.desc())
+        .limit(max(1, min(limit, 500)))
+        .offset(max(0, offset))
+    )
+    return list(session.exec(stmt))
+
+
+def update_execution_status(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    status: ExecutionStatus,
+    user_id: uuid.UUID | None = None,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> WorkflowExecution:
+    """Move an execution to ``status``, refusing illegal transitions."""
+    if user_id is not None:
+        execution = get_execution_by_id_and_user(
+            session=session, execution_id=execution_id, user_id=user_id
+        )
+    else:
+        execution = get_execution(session=session, execution_id=execution_id)
+    if execution.status == status:
+        return execution
+    check_transition(execution, status)
+    now = now or utcnow()
+    execution.status = status
+    if status == ExecutionStatus.RUNNING and execution.started_at is None:
+        execution.started_at = now
+    if status.is_terminal:
+        execution.completed_at = now
+        execution.lease_owner = None
+        execution.lease_expires_at = None
+        if execution.started_at is not None:
+            execution.duration_ms = int((now - execution.started_at).total_seconds() * 1000)
+    if error is not None:
+        execution.error = error[:4000]
+    session.flush()
+    return execution
+
+
+def request_cancel(
+    *, session: Session, execution_id: uuid.UUID, user_id: uuid.UUID
+) -> WorkflowExecution:
+    """Ask for cancellation. A pending execution is cancelled at once; a running one
+    stops before its next phase (the worker sees ``cancel_requested``)."""
+    execution = get_execution_by_id_and_user(
+        session=session, execution_id=execution_id, user_id=user_id
+    )
+    if execution.status.is_terminal:
+        raise InvalidTransition(
+            "execution", execution_id, execution.status, ExecutionStatus.CANCELLED
+        )
+    execution.cancel_requested = True
+    if execution.status == ExecutionStatus.PENDING:
+        update_execution_status(
+            session=session,
+            execution_id=execution_id,
+            status=ExecutionStatus.CANCELLED,
+            error="cancelled before it started",
+        )
+    session.flush()
+    return execution
+
+
+# ------------------------------------------------------------------------------ leases
+
+
+def acquire_lease(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> bool:
+    """Take the execution for ``owner`` if nobody holds a live lease on it.
+
+    One conditional UPDATE: of two workers racing for the same execution exactly one
+    sees a row updated. Terminal executions are never taken.
+    """
+    now = now or utcnow()
+    result = session.execute(
+        sa.update(WorkflowExecution)
+        .where(
+            WorkflowExecution.id == execution_id,
+            WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
+            sa.or_(
+                WorkflowExecution.lease_owner.is_(None),
+                WorkflowExecution.lease_owner == owner,
+                WorkflowExecution.lease_expires_at < now,
+            ),
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=WorkflowExecution.attempts + 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def renew_lease(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> tuple[bool, bool]:
+    """Extend ``owner``'s lease. Returns ``(still_held, cancel_requested)`` in one round trip."""
+    now = now or utcnow()
+    row = session.execute(
+        sa.update(WorkflowExecution)
+        .where(
+            WorkflowExecution.id == execution_id,
+            WorkflowExecution.lease_owner == owner,
+            WorkflowExecution.status == ExecutionStatus.RUNNING,
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(WorkflowExecution.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return False, False
+    return True, bool(row[0])
+
+
+def release_lease(*, session: Session, execution_id: uuid.UUID, owner: str) -> None:
+    session.execute(
+        sa.update(WorkflowExecution)
+        .where(WorkflowExecution.id == execution_id, WorkflowExecution.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def find_stale_executions(
+    *, session: Session, pending_before: datetime, now: datetime | None = None, limit: int = 100
+) -> list[WorkflowExecution]:
+    """Executions whose message may be lost: pending and enqueued long ago, or running
+    with a lapsed lease (the worker died and its message went to the dead-letter queue)."""
+    now = now or utcnow()
+    stmt = (
+        select(WorkflowExecution)
+        .where(
+            sa.or_(
+                sa.and_(
+                    WorkflowExecution.status == ExecutionStatus.PENDING,
+                    sa.func.coalesce(WorkflowExecution.enqueued_at, WorkflowExecution.created_at)
+                    < pending_before,
+                ),
+                sa.and_(
+                    WorkflowExecution.status == ExecutionStatus.RUNNING,
+                    sa.func.coalesce(
+                        WorkflowExecution.lease_expires_at, WorkflowExecution.created_at
+                    )
+                    < pending_before,
+                ),
+            )
+        )
+        .order_by(WorkflowExecution.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.exec(stmt))

@@ -1,0 +1,183 @@
+"""Workflows and their published versions."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from flowbuilder.platform.cron import check_schedule, get_next_run_date
+from flowbuilder.platform.crud._sql import conflict_on_duplicate
+from flowbuilder.platform.errors import Conflict, NotFound
+from flowbuilder.platform.models import (
+    Credential,
+    Workflow,
+    WorkflowCreate,
+    WorkflowStatus,
+    WorkflowUpdate,
+    WorkflowVersion,
+    utcnow,
+)
+
+
+def create_workflow(*, session: Session, user_id: uuid.UUID, data: WorkflowCreate) -> Workflow:
+    """Create a draft workflow. Drafts may be incomplete; publishing validates."""
+    if data.cron:
+        check_schedule(data.cron, data.timezone)
+    workflow = Workflow.model_validate(data, update={"user_id": user_id})
+    with conflict_on_duplicate(session, f"a workflow named {data.name!r} already exists"):
+        session.add(workflow)
+    return workflow
+
+
+def get_workflow_by_id_and_user(
+    *, session: Session, workflow_id: uuid.UUID, user_id: uuid.UUID
+) -> Workflow:
+    """The user's workflow. Another user's id raises NotFound exactly like a missing one."""
+    workflow = session.exec(
+        select(Workflow).where(Workflow.id == workflow_id, Workflow.user_id == user_id)
+    ).first()
+    if workflow is None:
+        raise NotFound("workflow", workflow_id)
+    return workflow
+
+
+def list_workflows_for_user(
+    *, session: Session, user_id: uuid.UUID, limit: int = 50, offset: int = 0
+) -> list[Workflow]:
+    stmt = (
+        select(Workflow)
+        .where(Workflow.user_id == user_id)
+        .order_by(Workflow.created_at.desc(), Workflow.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.exec(stmt))
+
+
+def _reschedule(workflow: Workflow, now: datetime | None = None) -> None:
+    if workflow.status == WorkflowStatus.PUBLISHED and workflow.cron:
+        workflow.next_run_at = get_next_run_date(
+            workflow.cron, timezone=workflow.timezone, after=now or utcnow()
+        )
+    else:
+        workflow.next_run_at = None
+
+
+def update_workflow(
+    *, session: Session, workflow_id: uuid.UUID, user_id: uuid.UUID, data: WorkflowUpdate
+) -> Workflow:
+    """Change fields. Publishing goes through :func:`publish_workflow`, which validates."""
+    workflow = get_workflow_by_id_and_user(
+        session=session, workflow_id=workflow_id, user_id=user_id
+    )
+    changes = data.model_dump(exclude_unset=True)
+    if changes.get("status") == WorkflowStatus.PUBLISHED and workflow.published_version == 0:
+        raise Conflict(f"workflow {workflow_id} has no published version; publish it first")
+    cron = changes.get("cron", workflow.cron)
+    tz = changes.get("timezone", workflow.timezone)
+    if cron:
+        check_schedule(cron, tz)
+    name = changes.get("name", workflow.name)
+    with conflict_on_duplicate(session, f"a workflow named {name!r} already exists"):
+        for field, value in changes.items():
+            setattr(workflow, field, value)
+        if "definition" in changes and "status" not in changes:
+            # What runs stays the published version; the edit is a draft until republished.
+            workflow.status = WorkflowStatus.DRAFT
+        workflow.updated_at = utcnow()
+        _reschedule(workflow)
+    return workflow
+
+
+def delete_workflow(*, session: Session, workflow_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """Delete a workflow and its versions; its executions stay (workflow_id becomes NULL)."""
+    workflow = get_workflow_by_id_and_user(
+        session=session, workflow_id=workflow_id, user_id=user_id
+    )
+    session.delete(workflow)
+    session.flush()
+
+
+def owned_credential_ids(*, session: Session, user_id: uuid.UUID) -> set[uuid.UUID]:
+    return set(session.exec(select(Credential.id).where(Credential.user_id == user_id)))
+
+
+def publish_workflow(
+    *, session: Session, workflow_id: uuid.UUID, user_id: uuid.UUID
+) -> WorkflowVersion:
+    """Validate the definition and freeze it as a new immutable WorkflowVersion."""
+    from flowbuilder.platform.definitions import validate_definition
+    from flowbuilder.platform.plan import build_plan
+
+    workflow = get_workflow_by_id_and_user(
+        session=session, workflow_id=workflow_id, user_id=user_id
+    )
+    definition = validate_definition(
+        workflow.definition,
+        owned_credential_ids=owned_credential_ids(session=session, user_id=user_id),
+    )
+    plan = build_plan(definition)
+    # Lock the workflow row so two concurrent publishes get distinct version numbers.
+    session.execute(sa.select(Workflow.id).where(Workflow.id == workflow.id).with_for_update())
+    session.refresh(workflow)
+    version = WorkflowVersion(
+        workflow_id=workflow.id,
+        version=workflow.published_version + 1,
+        definition=definition.model_dump(mode="json", by_alias=True, exclude_none=True),
+        plan=plan.to_dict(),
+        credits_cost=plan.total_credits,
+    )
+    with conflict_on_duplicate(session, f"version {version.version} of {workflow_id} exists"):
+        session.add(version)
+        workflow.published_version = version.version
+        workflow.credits_cost = plan.total_credits
+        workflow.status = WorkflowStatus.PUBLISHED
+        workflow.updated_at = utcnow()
+        _reschedule(workflow)
+    return version
+
+
+def get_published_version(*, session: Session, workflow: Workflow) -> WorkflowVersion:
+    version = session.exec(
+        select(WorkflowVersion).where(
+            WorkflowVersion.workflow_id == workflow.id,
+            WorkflowVersion.version == workflow.published_version,
+        )
+    ).first()
+    if version is None:
+        raise NotFound("published version of workflow", workflow.id)
+    return version
+
+
+def get_due_workflows(
+    *, session: Session, now: datetime | None = None, limit: int = 100
+) -> list[Workflow]:
+    """Published workflows with a cron whose next run has come, oldest first.
+
+    On PostgreSQL the rows are locked with SKIP LOCKED, so two schedulers never fire
+    the same workflow twice; the caller advances ``next_run_at`` and commits.
+    """
+    now = now or utcnow()
+    stmt = (
+        select(Workflow)
+        .where(
+            Workflow.status == WorkflowStatus.PUBLISHED,
+            Workflow.next_run_at.is_not(None),
+            Workflow.next_run_at <= now,
+        )
+        .order_by(Workflow.next_run_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.exec(stmt))
+
+
+def mark_workflow_run(*, session: Session, workflow: Workflow, now: datetime | None = None) -> None:
+    """Record a cron run and compute the next one in the workflow's time zone."""
+    now = now or utcnow()
+    workflow.last_run_at = now
+    _reschedule(workflow, now)
+    session.flush()

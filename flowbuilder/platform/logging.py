@@ -1,0 +1,97 @@
+"""Structured logging: structlog JSON lines, one configuration for every process.
+
+``setup_logging()`` is called once per process (worker, beat, CLI). Context such as the
+execution id is bound with ``structlog.contextvars`` and cleared when the run ends, so
+every line of a run carries it and no line of the next run does.
+
+A redaction processor drops the values of keys that look secret (password, token,
+secret, authorization, ...) as a last line of defence; the first line is never logging
+a secret at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+from flowbuilder.platform.settings import get_settings
+
+_SECRET_KEY = re.compile(
+    r"pass(word)?|secret|token|authorization|api[_-]?key|credential_value", re.I
+)
+REDACTED = "[redacted]"
+
+
+def _redact(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event_dict):
+        if key != "event" and _SECRET_KEY.search(key):
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+_configured = False
+
+
+def setup_logging(
+    level: str | None = None, *, json: bool | None = None, force: bool = False
+) -> None:
+    """Configure structlog and the standard library's root logger (idempotent)."""
+    global _configured
+    if _configured and not force:
+        return
+    settings = get_settings()
+    level_name = (level or settings.log_level).upper()
+    use_json = settings.LOG_JSON if json is None else json
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        # Lines from the standard library (celery, kombu, sqlalchemy) get the same shape.
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.set_name("flowbuilder")
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if existing.get_name() == "flowbuilder":
+            root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level_name)
+    # Chatty libraries stay at WARNING unless we debug.
+    for noisy in ("botocore", "boto3", "urllib3", "kombu", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(
+            logging.DEBUG if level_name == "DEBUG" else logging.WARNING
+        )
+    _configured = True
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)
+
+
+bind_context = structlog.contextvars.bind_contextvars
+clear_context = structlog.contextvars.clear_contextvars

@@ -1,0 +1,255 @@
+"""Process settings, read once from the environment and an optional ``.env``.
+
+Everything that configures the execution core goes through :func:`get_settings`,
+a cached accessor that tests replace with :func:`override_settings`. Nothing deep
+inside the package reads ``os.environ`` itself, so a test can never be surprised
+by a value it did not set.
+
+The variable names follow the original shared-module design (DB_HOST, USE_DB_SECRETS,
+SQS_ENDPOINT_URL, ...). DATABASE_URL, BROKER_URL and REDIS_URL were added; when
+DATABASE_URL is set it wins over the DB_* variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from flowbuilder.platform.errors import ConfigurationError
+
+# Values that mean "somebody copied the example file and never changed it".
+_PLACEHOLDERS = frozenset(
+    {"changeme", "changethis", "change-me", "secret", "password", "xxx", "todo"}
+)
+
+DEFAULT_HOME = Path(".flowbuilder")
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        # Validate defaults too, so a bad default can never slip through.
+        validate_default=True,
+    )
+
+    # --- database -----------------------------------------------------------------
+    DATABASE_URL: str | None = None
+    DB_HOST: str | None = None
+    DB_PORT: int = Field(default=5432, ge=1, le=65535)
+    DB_NAME: str = "flowbuilder"
+    DB_USER: str = "postgres"
+    DB_PASSWORD: SecretStr | None = None
+    DB_SSL_MODE: str | None = None
+    DB_POOL_SIZE: int = Field(default=5, ge=1, le=200)
+    DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=500)
+    # Where the embedded default keeps its files (SQLite database, broker folders).
+    FLOWBUILDER_HOME: Path = DEFAULT_HOME
+
+    # --- secrets ------------------------------------------------------------------
+    USE_DB_SECRETS: bool = True
+    SECRET_ENCRYPTION_PASSWORD: SecretStr | None = None
+    SECRET_ENCRYPTION_SALT: SecretStr | None = None
+    # The previous key, accepted for decryption while `flowbuilder secrets rotate-key` runs.
+    SECRET_ENCRYPTION_OLD_PASSWORD: SecretStr | None = None
+    SECRET_ENCRYPTION_OLD_SALT: SecretStr | None = None
+    SECRETS_MANAGER_ENDPOINT_URL: str | None = None
+    SECRETS_MANAGER_PREFIX: str = "flowbuilder/"
+
+    # --- AWS / SQS ----------------------------------------------------------------
+    AWS_REGION: str = "us-east-1"
+    SQS_ENDPOINT_URL: str | None = None
+    SQS_QUEUE_PREFIX: str = "flowbuilder-"
+    # Must exceed the longest allowed execution, or SQS hands a running message to a
+    # second worker (the lease then stops it from doing harm, but it is wasted work).
+    SQS_VISIBILITY_TIMEOUT: int = Field(default=1800, ge=1, le=43200)
+    SQS_WAIT_TIME_SECONDS: int = Field(default=10, ge=0, le=20)
+    SQS_DLQ_MAX_RECEIVE_COUNT: int = Field(default=5, ge=1, le=1000)
+    BROKER_URL: str | None = None
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+
+    # --- execution ----------------------------------------------------------------
+    EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)
+    LEASE_SECONDS: float = Field(default=60, gt=0)
+    SWEEP_PENDING_AFTER_SECONDS: float = Field(default=300, gt=0)
+    PHASE_OUTPUT_MAX_BYTES: int = Field(default=256 * 1024, ge=1024)
+    # Refund the credits of a phase whose node failed (the user paid for nothing).
+    REFUND_FAILED_PHASES: bool = True
+    RATE_LIMIT_WINDOW_SECONDS: int = Field(default=60, ge=1)
+    RATE_LIMIT_USER: int = Field(default=60, ge=0)
+    RATE_LIMIT_GUEST: int = Field(default=5, ge=0)
+    GUEST_SESSION_TTL_SECONDS: int = Field(default=24 * 3600, ge=60)
+
+    # --- definitions and outbound calls ---------------------------------------------
+    MAX_DEFINITION_NODES: int = Field(default=200, ge=1)
+    MAX_DEFINITION_BYTES: int = Field(default=512 * 1024, ge=1024)
+    # Hosts (or host:port) that outbound nodes may reach although they resolve to
+    # loopback or private addresses. Empty in production; tests open 127.0.0.1.
+    OUTBOUND_ALLOWLIST: CsvList = Field(default_factory=list)
+    HTTP_TIMEOUT_SECONDS: float = Field(default=30, gt=0, le=300)
+    HTTP_MAX_RESPONSE_BYTES: int = Field(default=5 * 1024 * 1024, ge=1024)
+    HTTP_MAX_REDIRECTS: int = Field(default=5, ge=0, le=20)
+    MAX_DELAY_SECONDS: float = Field(default=60, ge=0)
+
+    # --- logging ------------------------------------------------------------------
+    LOG_LEVEL: str = "INFO"
+    DEBUG_MODE: bool = False
+    LOG_JSON: bool = True
+
+    @field_validator("OUTBOUND_ALLOWLIST", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("DB_SSL_MODE")
+    @classmethod
+    def _ssl_mode(cls, value: str | None) -> str | None:
+        allowed = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+        if value is not None and value not in allowed:
+            raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    @field_validator(
+        "SECRET_ENCRYPTION_PASSWORD",
+        "SECRET_ENCRYPTION_SALT",
+        "SECRET_ENCRYPTION_OLD_PASSWORD",
+        "SECRET_ENCRYPTION_OLD_SALT",
+    )
+    @classmethod
+    def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        if raw.strip().lower() in _PLACEHOLDERS:
+            raise ValueError("is a placeholder; set a real random value")
+        if len(raw) < 8:
+            raise ValueError("is too short (at least 8 characters)")
+        return value
+
+    @field_validator("DATABASE_URL", "BROKER_URL")
+    @classmethod
+    def _url_shape(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URL such as scheme://...")
+        return value
+
+    @model_validator(mode="after")
+    def _visibility_above_execution(self) -> Settings:
+        if self.SQS_VISIBILITY_TIMEOUT <= self.EXECUTION_TIMEOUT_SECONDS:
+            raise ValueError(
+                "SQS_VISIBILITY_TIMEOUT must be greater than EXECUTION_TIMEOUT_SECONDS"
+            )
+        return self
+
+    # --- derived values -------------------------------------------------------------
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL: DATABASE_URL, else DB_* (PostgreSQL), else embedded SQLite."""
+        if self.DATABASE_URL:
+            url = self.DATABASE_URL
+            # A bare postgres:// URL (Heroku, RDS docs) means psycopg 3 here.
+            for prefix in ("postgres://", "postgresql://"):
+                if url.startswith(prefix):
+                    return "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        if self.DB_HOST:
+            password = self.DB_PASSWORD.get_secret_value() if self.DB_PASSWORD else ""
+            auth = quote(self.DB_USER, safe="")
+            if password:
+                auth += ":" + quote(password, safe="")
+            url = f"postgresql+psycopg://{auth}@{self.DB_HOST}:{self.DB_PORT}/{self.DB_NAME}"
+            if self.DB_SSL_MODE:
+                url += f"?sslmode={self.DB_SSL_MODE}"
+            return url
+        return f"sqlite:///{(self.FLOWBUILDER_HOME / 'flowbuilder.db').as_posix()}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_url(self) -> str:
+        """BROKER_URL, or a file-system broker for the embedded default (needs no server)."""
+        if self.BROKER_URL:
+            return self.BROKER_URL
+        return "filesystem://"
+
+    @property
+    def log_level(self) -> str:
+        return "DEBUG" if self.DEBUG_MODE else self.LOG_LEVEL
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line naming each bad variable, never echoing its value (it may be a secret)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid setting " + "; ".join(parts)
+
+
+def load_settings(**values: Any) -> Settings:
+    """Build a Settings object, turning validation errors into one clear line."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+
+
+_override: Settings | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _cached() -> Settings:
+    return load_settings()
+
+
+def get_settings() -> Settings:
+    """The process's settings: read once, cached, replaceable in tests."""
+    return _override if _override is not None else _cached()
+
+
+def reset_settings_cache() -> None:
+    _cached.cache_clear()
+
+
+@contextlib.contextmanager
+def override_settings(**changes: Any) -> Iterator[Settings]:
+    """Replace the settings for the duration of a block (tests)."""
+    global _override
+    previous = _override
+    base = get_settings()
+    data = {name: getattr(base, name) for name in Settings.model_fields}
+    data.update(changes)
+    _override = Settings.model_validate(data)
+    try:
+        yield _override
+    finally:
+        _override = previous

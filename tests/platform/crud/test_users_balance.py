@@ -1,0 +1,178 @@
+"""Users, guests, balances and the ledger, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlmodel import Session, select
+
+from flowbuilder.platform.crud import balance_crud, user_crud
+from flowbuilder.platform.errors import Conflict, InsufficientCredits, NotFound, ValidationFailed
+from flowbuilder.platform.models import (
+    BalanceTransaction,
+    GuestSession,
+    LedgerKind,
+    UserCreate,
+    Workflow,
+    utcnow,
+)
+from tests.factories import make_user, make_workflow
+
+
+def test_create_and_get_user(session: Session) -> None:
+    user = user_crud.create_user(session=session, data=UserCreate(email="a@example.com"))
+    session.commit()
+    assert user_crud.get_user(session=session, user_id=user.id).email == "a@example.com"
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 0
+    with pytest.raises(NotFound):
+        user_crud.get_user(session=session, user_id=uuid.uuid4())
+
+
+def test_duplicate_email_is_conflict_and_keeps_session_usable(session: Session) -> None:
+    user_crud.create_user(session=session, data=UserCreate(email="dup@example.com"))
+    with pytest.raises(Conflict, match="dup@example.com"):
+        user_crud.create_user(session=session, data=UserCreate(email="dup@example.com"))
+    # The savepoint rolled back only the duplicate.
+    session.commit()
+    assert make_user(session).id
+
+
+def test_guest_token_stored_hashed_and_resolves_until_expiry(session: Session) -> None:
+    user, token = user_crud.create_guest(session=session)
+    session.commit()
+    stored = session.exec(select(GuestSession).where(GuestSession.user_id == user.id)).one()
+    assert stored.token_hash != token and token not in stored.token_hash
+    assert stored.token_hash == user_crud.hash_token(token)
+    assert user_crud.resolve_guest_token(session=session, token=token).id == user.id
+    with pytest.raises(NotFound):
+        user_crud.resolve_guest_token(session=session, token=token + "x")
+    stored.expires_at = utcnow() - timedelta(seconds=1)
+    session.add(stored)
+    session.commit()
+    with pytest.raises(NotFound):
+        user_crud.resolve_guest_token(session=session, token=token)
+
+
+def test_convert_guest_keeps_everything(session: Session) -> None:
+    guest = make_user(session, guest=True, credits=7)
+    workflow = make_workflow(session, guest)
+    session.commit()
+    user = user_crud.convert_guest(
+        session=session, user_id=guest.id, email="conv@example.com", display_name="C"
+    )
+    session.commit()
+    assert user.id == guest.id and not user.is_guest and user.email == "conv@example.com"
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 7
+    assert session.get(Workflow, workflow.id).user_id == user.id
+    assert session.exec(select(GuestSession).where(GuestSession.user_id == user.id)).all() == []
+    with pytest.raises(Conflict):
+        user_crud.convert_guest(session=session, user_id=user.id, email="x@example.com")
+
+
+def test_convert_guest_to_taken_email_is_conflict(session: Session) -> None:
+    make_user(session, email="taken@example.com")
+    guest = make_user(session, guest=True)
+    session.commit()
+    with pytest.raises(Conflict, match="taken@example.com"):
+        user_crud.convert_guest(session=session, user_id=guest.id, email="taken@example.com")
+
+
+def test_grant_debit_refund_and_ledger_agree(session: Session) -> None:
+    user = make_user(session)
+    balance_crud.grant_credits(session=session, user_id=user.id, amount=10, idempotency_key="g1")
+    balance_crud.grant_credits(session=session, user_id=user.id, amount=10, idempotency_key="g1")
+    row, created = balance_crud.debit_credits(
+        session=session, user_id=user.id, amount=3, idempotency_key="d1"
+    )
+    assert created and row.amount == -3 and row.balance_after == 7
+    again, created_again = balance_crud.debit_credits(
+        session=session, user_id=user.id, amount=3, idempotency_key="d1"
+    )
+    assert not created_again and again.id == row.id
+    balance_crud.refund_credits(session=session, user_id=user.id, amount=3, idempotency_key="r1")
+    session.commit()
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 10
+    assert balance_crud.ledger_total(session=session, user_id=user.id) == 10
+    kinds = sorted(r.kind for r in balance_crud.list_ledger(session=session, user_id=user.id))
+    assert kinds == sorted([LedgerKind.GRANT, LedgerKind.DEBIT, LedgerKind.REFUND])
+
+
+def test_debit_never_goes_negative(session: Session) -> None:
+    user = make_user(session, credits=2)
+    session.commit()
+    with pytest.raises(InsufficientCredits) as info:
+        balance_crud.debit_credits(session=session, user_id=user.id, amount=3, idempotency_key="k")
+    assert info.value.available == 2
+    session.commit()
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 2
+    assert (
+        session.exec(
+            select(BalanceTransaction).where(BalanceTransaction.idempotency_key == "k")
+        ).first()
+        is None
+    )
+
+
+def test_non_positive_amounts_refused(session: Session) -> None:
+    user = make_user(session)
+    with pytest.raises(ValidationFailed, match="amount"):
+        balance_crud.debit_credits(session=session, user_id=user.id, amount=0, idempotency_key="z")
+    with pytest.raises(ValidationFailed, match="amount"):
+        balance_crud.grant_credits(session=session, user_id=user.id, amount=-5)
+
+
+def test_idempotency_key_of_another_user_is_conflict(session: Session) -> None:
+    a = make_user(session, credits=5)
+    b = make_user(session, credits=5)
+    balance_crud.debit_credits(session=session, user_id=a.id, amount=1, idempotency_key="shared")
+    with pytest.raises(Conflict):
+        balance_crud.debit_credits(
+            session=session, user_id=b.id, amount=1, idempotency_key="shared"
+        )
+
+
+def test_concurrent_debits_from_threads(engine, session: Session) -> None:
+    """Many threads debit one balance: no lost update, never negative, one row per key."""
+    user = make_user(session, credits=25)
+    session.commit()
+    threads_n, per_thread = 8, 10
+    errors: list[BaseException] = []
+    insufficient = []
+
+    def worker(t: int) -> None:
+        for i in range(per_thread):
+            # Every key is used by two threads at once: it must debit once.
+            key = f"k-{(t // 2)}-{i}"
+            try:
+                with Session(engine) as s:
+                    balance_crud.debit_credits(
+                        session=s, user_id=user.id, amount=1, idempotency_key=key
+                    )
+                    s.commit()
+            except InsufficientCredits:
+                insufficient.append(key)
+            except BaseException as exc:  # noqa: BLE001 - surfaced below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    session.expire_all()
+    balance = balance_crud.get_balance(session=session, user_id=user.id)
+    debits = session.exec(
+        select(BalanceTransaction).where(
+            BalanceTransaction.user_id == user.id, BalanceTransaction.kind == LedgerKind.DEBIT
+        )
+    ).all()
+    keys = [d.idempotency_key for d in debits]
+    assert len(keys) == len(set(keys))
+    assert balance >= 0
+    # 40 distinct keys wanted 40 credits; 25 existed: exactly 25 debits went through.
+    assert len(debits) == 25 and balance == 0
+    assert balance_crud.ledger_total(session=session, user_id=user.id) == balance
