@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlmodel import Session, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from flowbuilder.platform.settings import get_settings
 
@@ -169,7 +170,9 @@ def get_async_engine() -> AsyncEngine:
 @contextlib.asynccontextmanager
 async def get_session(engine: AsyncEngine | None = None) -> AsyncIterator[AsyncSession]:
     """The API's unit of work: ``async with get_session() as session: ...`` commits at the end."""
-    factory = async_sessionmaker(engine or get_async_engine(), expire_on_commit=False)
+    factory = async_sessionmaker(
+        engine or get_async_engine(), class_=AsyncSession, expire_on_commit=False
+    )
     async with factory() as session:
         try:
             yield session
@@ -187,7 +190,7 @@ async def run_sync(session: AsyncSession, fn: Callable[..., T], /, *args: Any, *
 def create_lambda_engine_and_session() -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
     """Async engine without a pool, for short-lived processes (one connection per use)."""
     engine = create_async_engine(poolclass=NullPool)
-    return engine, async_sessionmaker(engine, expire_on_commit=False)
+    return engine, async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
 # ------------------------------------------------------------------------------ tests

@@ -124,6 +124,5 @@ def close_open_phases(
             ExecutionPhase.status.in_([PhaseStatus.CREATED, PhaseStatus.RUNNING]),
         )
         .values(status=status, completed_at=now or utcnow())
-        .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0

@@ -32,7 +32,8 @@ def hit(
 ) -> int:
     """Count one hit for ``key`` in the current window; RateLimited past ``limit``.
 
-    The refused hit is counted too: hammering does not reopen the window early.
+    A refused hit is undone with its caller's transaction (the unit of work rolls back),
+    so the count in the table is the number of allowed hits.
     """
     now = now or utcnow()
     start = window_start(now, window_seconds)
