@@ -104,10 +104,20 @@ def engine(settings) -> Iterator[sa.Engine]:
 
 @pytest.fixture
 def session(engine: sa.Engine) -> Iterator[Session]:
-    """A session on the test database. Tests commit explicitly where it matters."""
-    with Session(engine, expire_on_commit=False) as s:
+    """A session on the test database. Tests commit explicitly where it matters.
+
+    On SQLite it uses its own engine whose transactions begin DEFERRED: the test's
+    reads must not hold the write lock while the code under test (BEGIN IMMEDIATE,
+    like production) works in other threads.
+    """
+    own = None
+    if engine.dialect.name == "sqlite":
+        own = db.make_engine(str(engine.url), sqlite_begin="DEFERRED")
+    with Session(own or engine, expire_on_commit=False) as s:
         yield s
         s.rollback()
+    if own is not None:
+        own.dispose()
 
 
 # ------------------------------------------------------------------------------ AWS (moto)

@@ -37,14 +37,15 @@ _engines: dict[str, Engine] = {}
 _async_engines: dict[str, AsyncEngine] = {}
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, begin: str = "IMMEDIATE") -> None:
     """Make SQLite behave: foreign keys on, WAL, and real transactions.
 
     pysqlite opens transactions lazily and not for SELECT, which breaks SAVEPOINT and
     read-then-write atomicity. The documented SQLAlchemy recipe takes transaction
     control away from the driver; ``BEGIN IMMEDIATE`` takes the write lock up front so
     two writers queue on ``busy_timeout`` instead of failing with "database is locked"
-    halfway through.
+    halfway through. ``begin="DEFERRED"`` suits a reader that must not hold the lock
+    (WAL readers never block writers).
     """
 
     @event.listens_for(engine, "connect")
@@ -59,7 +60,7 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {begin}")
 
 
 def _ensure_sqlite_dir(url: sa.URL) -> None:
@@ -67,7 +68,9 @@ def _ensure_sqlite_dir(url: sa.URL) -> None:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str | None = None, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any
+) -> Engine:
     """A new sync engine for ``url`` (default: the settings' database URL)."""
     settings = get_settings()
     sa_url = sa.make_url(url or settings.database_url)
@@ -78,7 +81,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             options["poolclass"] = StaticPool
         options.update(kwargs)
         engine = sa.create_engine(sa_url, **options)
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, sqlite_begin)
         return engine
     options = {
         "pool_pre_ping": True,

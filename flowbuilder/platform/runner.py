@@ -1,0 +1,700 @@
+"""The execution engine: prepare an execution (the API side) and run it (the worker side).
+
+No Celery here. The worker task in ``flowbuilder.tasks`` is a thin shell that calls
+:func:`run_execution` and decides retries; the API calls :func:`prepare_execution` and
+sends the task after its transaction commits.
+
+Exactly once under at-least-once delivery
+------------------------------------------
+A message may arrive twice, two workers may hold the same execution, a worker may be
+killed mid-run. The engine makes that harmless:
+
+- **Lease.** A run first takes the execution's lease (one conditional UPDATE). While it
+  holds it, a heartbeat thread renews it; every phase start and phase end re-checks it
+  in the same transaction as its writes (fencing), so a worker that lost its lease
+  writes nothing more. A duplicate that finds a live lease is told to come back after it
+  lapses; a killed worker's lease lapses and the redelivered message takes over.
+- **Checkpoints.** Each phase commits when it starts (status, inputs, debit) and when it
+  ends (outputs, logs). A resumed run skips completed phases and re-runs the phase that
+  was in flight.
+- **Debits.** Each phase is debited with the idempotency key ``phase:<phase id>``: a
+  re-run phase is never charged twice.
+
+Node side effects (an HTTP call) are at-least-once, like in every queue-driven system:
+a phase interrupted mid-call runs its node again after a crash.
+
+Cost per phase: two transactions with a fixed number of statements (lease check, phase
+update, debit, log batch), whatever the number of log lines.
+
+Credits policy: a phase's credits are debited when it starts. If its node fails (or is
+cancelled or times out) the credits are refunded when REFUND_FAILED_PHASES is true (the
+default): users pay for work that produced a result. Phases that never start are never
+charged.
+
+Timeouts: each node runs with ``min(node timeout, time left)``. The execution budget
+(EXECUTION_TIMEOUT_SECONDS) is the wall-clock budget of one attempt: a run resumed after
+a worker crash gets a fresh budget for the phases that remain, because SQS redelivery
+time is not the workflow's own time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Session, select
+
+from flowbuilder.platform.crud import (
+    balance_crud,
+    execution_crud,
+    log_crud,
+    phase_crud,
+    rate_limit_crud,
+    user_crud,
+    workflow_crud,
+)
+from flowbuilder.platform.db import get_engine, unit_of_work
+from flowbuilder.platform.errors import (
+    Conflict,
+    FlowBuilderError,
+    InsufficientCredits,
+    NotFound,
+    TransientError,
+)
+from flowbuilder.platform.models import (
+    ExecutionPhase,
+    ExecutionStatus,
+    PhaseStatus,
+    TriggerType,
+    WorkflowExecution,
+    WorkflowStatus,
+    WorkflowVersion,
+    utcnow,
+)
+from flowbuilder.platform.settings import get_settings
+
+logger = structlog.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- enqueue side
+
+
+def prepare_execution(
+    *,
+    session: Session,
+    workflow_id: uuid.UUID,
+    user_id: uuid.UUID,
+    trigger: TriggerType = TriggerType.MANUAL,
+    inputs: dict[str, Any] | None = None,
+    correlation_id: str | None = None,
+) -> WorkflowExecution:
+    """Checks and records a new execution (pending, with its planned phases).
+
+    In order: ownership and a published, valid definition (NotFound, Conflict,
+    ValidationFailed); the rate limit (RateLimited); the balance covers the plan
+    (InsufficientCredits). Flushes only; the caller's unit of work commits and only then
+    is the task sent.
+    """
+    from flowbuilder.platform.definitions import validate_definition
+    from flowbuilder.platform.plan import build_plan
+
+    settings = get_settings()
+    workflow = workflow_crud.get_workflow_by_id_and_user(
+        session=session, workflow_id=workflow_id, user_id=user_id
+    )
+    if workflow.status != WorkflowStatus.PUBLISHED or workflow.published_version == 0:
+        raise Conflict(f"workflow {workflow_id} is {workflow.status.value}, not published")
+    version = workflow_crud.get_published_version(session=session, workflow=workflow)
+    # Validated again: a credential may have been deleted since the version was published.
+    definition = validate_definition(
+        version.definition,
+        owned_credential_ids=workflow_crud.owned_credential_ids(session=session, user_id=user_id),
+    )
+    plan = build_plan(definition)
+
+    user = user_crud.get_user(session=session, user_id=user_id)
+    limit = settings.RATE_LIMIT_GUEST if user.is_guest else settings.RATE_LIMIT_USER
+    rate_limit_crud.hit(
+        session=session,
+        key=f"enqueue:{user_id}",
+        limit=limit,
+        window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+    )
+    available = balance_crud.get_balance(session=session, user_id=user_id)
+    if available < plan.total_credits:
+        raise InsufficientCredits(user_id, plan.total_credits, available)
+
+    execution = execution_crud.create_execution(
+        session=session,
+        user_id=user_id,
+        workflow_id=workflow.id,
+        workflow_version_id=version.id,
+        trigger=trigger,
+        inputs=inputs,
+        correlation_id=correlation_id,
+    )
+    execution.enqueued_at = utcnow()
+    phase_crud.create_phases(session=session, execution=execution, planned=plan.nodes)
+    logger.info(
+        "execution_prepared",
+        execution_id=str(execution.id),
+        workflow_id=str(workflow.id),
+        user_id=str(user_id),
+        phases=len(plan.nodes),
+        credits=plan.total_credits,
+    )
+    return execution
+
+
+def cancel_execution(
+    *, session: Session, execution_id: uuid.UUID, user_id: uuid.UUID
+) -> WorkflowExecution:
+    """Request cancellation: a pending run ends now, a running one before its next phase."""
+    execution = execution_crud.request_cancel(
+        session=session, execution_id=execution_id, user_id=user_id
+    )
+    if execution.status == ExecutionStatus.CANCELLED:
+        phase_crud.close_open_phases(
+            session=session, execution_id=execution_id, status=PhaseStatus.CANCELLED
+        )
+    return execution
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALREADY_DONE = "already_done"  # a duplicate delivery of a finished execution
+    LEASE_HELD = "lease_held"  # another worker runs it now
+    LEASE_LOST = "lease_lost"  # our lease lapsed and someone else took over
+    MISSING = "missing"
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    retry_after: float = 0.0
+    phases_run: int = 0
+    credits: int = 0
+    error: str | None = None
+
+
+def _is_infrastructure_error(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError | DBAPIError) and not isinstance(
+        exc, sa.exc.IntegrityError
+    )
+
+
+def _cap_outputs(outputs: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Keep outputs under ``limit`` bytes of JSON; replace oversized values with a note."""
+    try:
+        encoded = json.dumps(outputs, default=str)
+    except (TypeError, ValueError):
+        return {"_error": "outputs are not JSON serialisable"}
+    if len(encoded) <= limit:
+        return json.loads(encoded) if _needs_roundtrip(outputs) else outputs
+    capped: dict[str, Any] = {}
+    budget = limit
+    for key, value in outputs.items():
+        size = len(json.dumps(value, default=str))
+        if size + len(key) + 8 <= budget:
+            capped[key] = value
+            budget -= size + len(key) + 8
+        else:
+            capped[key] = {"_truncated": True, "size_bytes": size}
+    capped["_truncated"] = True
+    return json.loads(json.dumps(capped, default=str))
+
+
+def _needs_roundtrip(outputs: dict[str, Any]) -> bool:
+    # Cheap check: only dicts/lists/str/int/float/bool/None go into JSON columns as-is.
+    stack: list[Any] = [outputs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, str | int | float | bool | type(None)):
+            return True
+    return False
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the lease while a node runs; notices cancellation and a lost lease."""
+
+    def __init__(self, engine: Engine, execution_id: uuid.UUID, owner: str, lease: float) -> None:
+        super().__init__(name=f"lease-{execution_id}", daemon=True)
+        self.engine, self.execution_id, self.owner, self.lease = engine, execution_id, owner, lease
+        self.stop_event = threading.Event()
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        interval = max(0.2, self.lease / 3)
+        while not self.stop_event.wait(interval):
+            try:
+                with unit_of_work(self.engine) as s:
+                    held, cancel = execution_crud.renew_lease(
+                        session=s,
+                        execution_id=self.execution_id,
+                        owner=self.owner,
+                        lease_seconds=self.lease,
+                    )
+            except Exception as exc:  # noqa: BLE001 - a blip; the next beat tries again
+                logger.warning("lease_renew_failed", error=type(exc).__name__)
+                continue
+            if cancel:
+                self.cancelled.set()
+            if not held:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+# One pool for node calls: a node gets a thread so its timeout can be enforced from
+# outside even when the node itself ignores its deadline.
+_node_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="node")
+
+
+@dataclass
+class _RunState:
+    execution_id: uuid.UUID
+    user_id: uuid.UUID
+    workflow_id: uuid.UUID | None
+    owner: str
+    lease: float
+    deadline: float
+    plan: Any
+    phases: list[ExecutionPhase]
+    outputs_by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
+    next_seq: int = 1
+    phases_run: int = 0
+
+
+def run_execution(
+    execution_id: uuid.UUID,
+    *,
+    owner: str | None = None,
+    engine: Engine | None = None,
+    on_phase_started: Callable[[ExecutionPhase], None] | None = None,
+) -> RunResult:
+    """Run (or resume) an execution to its end. Safe to call for any delivery.
+
+    Raises TransientError on infrastructure failures (database down): the caller retries
+    the whole call, which resumes from the last checkpoint.
+    """
+    engine = engine or get_engine()
+    owner = owner or f"{uuid.uuid4()}"
+    settings = get_settings()
+    log = logger.bind(execution_id=str(execution_id))
+    try:
+        state_or_result = _claim(engine, execution_id, owner, settings.LEASE_SECONDS)
+        if isinstance(state_or_result, RunResult):
+            log.info("execution_skipped", outcome=state_or_result.outcome.value)
+            return state_or_result
+        state = state_or_result
+        # Every line of the run carries these ids; unbound when the run ends.
+        with structlog.contextvars.bound_contextvars(
+            execution_id=str(state.execution_id),
+            workflow_id=str(state.workflow_id) if state.workflow_id else None,
+            user_id=str(state.user_id),
+        ):
+            heartbeat = _Heartbeat(engine, execution_id, owner, settings.LEASE_SECONDS)
+            heartbeat.start()
+            try:
+                result = _run_phases(engine, state, heartbeat, on_phase_started)
+            finally:
+                heartbeat.stop()
+            logger.info(
+                "execution_finished",
+                outcome=result.outcome.value,
+                phases_run=result.phases_run,
+                credits=result.credits,
+                error=result.error,
+            )
+    except Exception as exc:
+        if _is_infrastructure_error(exc):
+            _release_quietly(engine, execution_id, owner)
+            raise TransientError(f"database unavailable while running {execution_id}") from exc
+        raise
+    return result
+
+
+def _release_quietly(engine: Engine, execution_id: uuid.UUID, owner: str) -> None:
+    try:
+        with unit_of_work(engine) as s:
+            execution_crud.release_lease(session=s, execution_id=execution_id, owner=owner)
+    except Exception:  # noqa: BLE001 - the lease then lapses on its own
+        logger.warning("lease_release_failed", execution_id=str(execution_id))
+
+
+def _claim(
+    engine: Engine, execution_id: uuid.UUID, owner: str, lease: float
+) -> _RunState | RunResult:
+    from flowbuilder.platform.plan import ExecutionPlan
+
+    with unit_of_work(engine) as s:
+        execution = s.get(WorkflowExecution, execution_id)
+        if execution is None:
+            return RunResult(Outcome.MISSING, error="no such execution")
+        if execution.status.is_terminal:
+            return RunResult(Outcome.ALREADY_DONE)
+        if not execution_crud.acquire_lease(
+            session=s, execution_id=execution_id, owner=owner, lease_seconds=lease
+        ):
+            s.refresh(execution)
+            remaining = lease
+            if execution.lease_expires_at is not None:
+                remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
+            return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
+        s.refresh(execution)
+        if execution.cancel_requested:
+            _finish(s, execution.id, ExecutionStatus.CANCELLED, "cancelled", PhaseStatus.CANCELLED)
+            return RunResult(Outcome.CANCELLED)
+        version = (
+            s.get(WorkflowVersion, execution.workflow_version_id)
+            if execution.workflow_version_id
+            else None
+        )
+        if version is None or not version.plan:
+            _finish(
+                s,
+                execution.id,
+                ExecutionStatus.FAILED,
+                "the workflow version was deleted before the run",
+                PhaseStatus.SKIPPED,
+            )
+            return RunResult(Outcome.FAILED, error="workflow version missing")
+        if execution.status == ExecutionStatus.PENDING:
+            execution_crud.update_execution_status(
+                session=s, execution_id=execution.id, status=ExecutionStatus.RUNNING
+            )
+        phases = list(
+            s.exec(
+                select(ExecutionPhase)
+                .where(ExecutionPhase.execution_id == execution.id)
+                .order_by(ExecutionPhase.number, ExecutionPhase.position)
+            )
+        )
+        state = _RunState(
+            execution_id=execution.id,
+            user_id=execution.user_id,
+            workflow_id=execution.workflow_id,
+            owner=owner,
+            lease=lease,
+            deadline=time.monotonic() + get_settings().EXECUTION_TIMEOUT_SECONDS,
+            plan=ExecutionPlan.from_dict(version.plan),
+            phases=phases,
+            next_seq=log_crud.next_log_seq(session=s, execution_id=execution.id),
+        )
+        for phase in phases:
+            if phase.status == PhaseStatus.COMPLETED:
+                state.outputs_by_node[phase.node_id] = phase.outputs or {}
+        return state
+
+
+def _finish(
+    s: Session,
+    execution_id: uuid.UUID,
+    status: ExecutionStatus,
+    error: str | None,
+    open_phases: PhaseStatus,
+) -> None:
+    """End the execution: close open phases, total the credits, set the final status."""
+    phase_crud.close_open_phases(session=s, execution_id=execution_id, status=open_phases)
+    total = s.exec(
+        select(sa.func.coalesce(sa.func.sum(ExecutionPhase.credits_charged), 0)).where(
+            ExecutionPhase.execution_id == execution_id
+        )
+    ).one()
+    execution = execution_crud.update_execution_status(
+        session=s, execution_id=execution_id, status=status, error=error
+    )
+    execution.credits_consumed = int(total)
+    s.flush()
+
+
+def _run_phases(
+    engine: Engine,
+    state: _RunState,
+    heartbeat: _Heartbeat,
+    on_phase_started: Callable[[ExecutionPhase], None] | None,
+) -> RunResult:
+    from flowbuilder.platform.nodes import get_node_type
+
+    settings = get_settings()
+    planned = {node.node_id: node for node in state.plan.nodes}
+    for phase in state.phases:
+        if phase.status != PhaseStatus.CREATED and phase.status != PhaseStatus.RUNNING:
+            continue
+        node = planned[phase.node_id]
+        node_type = get_node_type(phase.node_type)
+        remaining = state.deadline - time.monotonic()
+        if remaining <= 0:
+            return _end(engine, state, ExecutionStatus.FAILED, _timeout_message(settings))
+
+        # --- phase start: lease check, inputs, debit; one commit ---------------------
+        try:
+            inputs = state.plan.resolve_inputs(phase.node_id, state.outputs_by_node)
+        except FlowBuilderError as exc:  # a required input that upstream did not produce
+            message = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+            with unit_of_work(engine) as s:
+                s.add(phase)
+                phase_crud.update_phase(
+                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+                )
+                _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
+            return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
+        credential = None
+        with unit_of_work(engine) as s:
+            held, cancel = execution_crud.renew_lease(
+                session=s,
+                execution_id=state.execution_id,
+                owner=state.owner,
+                lease_seconds=state.lease,
+            )
+            if not held:
+                return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+            if cancel or heartbeat.cancelled.is_set():
+                _finish(
+                    s,
+                    state.execution_id,
+                    ExecutionStatus.CANCELLED,
+                    "cancelled by the user",
+                    PhaseStatus.CANCELLED,
+                )
+                return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
+            s.add(phase)
+            try:
+                if phase.credits_cost > 0:
+                    balance_crud.debit_credits(
+                        session=s,
+                        user_id=state.user_id,
+                        amount=phase.credits_cost,
+                        idempotency_key=f"phase:{phase.id}",
+                        execution_id=state.execution_id,
+                        phase_id=phase.id,
+                        reason=f"{phase.node_type} {phase.node_id}",
+                    )
+            except InsufficientCredits as exc:
+                phase_crud.update_phase(
+                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+                )
+                _finish(
+                    s, state.execution_id, ExecutionStatus.FAILED, str(exc), PhaseStatus.SKIPPED
+                )
+                return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=str(exc))
+            phase_crud.update_phase(
+                session=s,
+                phase=phase,
+                status=PhaseStatus.RUNNING,
+                inputs=inputs,
+                credits_charged=phase.credits_cost,
+            )
+            if node.credential_id is not None:
+                credential = _load_credential(s, node.credential_id, state.user_id)
+        if on_phase_started is not None:
+            on_phase_started(phase)
+
+        # --- the node itself: no database -------------------------------------------
+        outcome = _invoke(node_type, node, phase, inputs, credential, state, heartbeat)
+        state.phases_run += 1
+
+        # --- phase end: lease check, outputs, logs; one commit ---------------------
+        with unit_of_work(engine) as s:
+            held, _cancel = execution_crud.renew_lease(
+                session=s,
+                execution_id=state.execution_id,
+                owner=state.owner,
+                lease_seconds=state.lease,
+            )
+            if not held:
+                return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+            s.add(phase)
+            state.next_seq = log_crud.append_logs(
+                session=s,
+                execution_id=state.execution_id,
+                phase_id=phase.id,
+                entries=outcome.logs,
+                first_seq=state.next_seq,
+            )
+            if outcome.error is None:
+                outputs = _cap_outputs(outcome.outputs, settings.PHASE_OUTPUT_MAX_BYTES)
+                phase_crud.update_phase(
+                    session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
+                )
+                state.outputs_by_node[phase.node_id] = outputs
+                continue
+            status = PhaseStatus.CANCELLED if outcome.cancelled else PhaseStatus.FAILED
+            refunded = settings.REFUND_FAILED_PHASES and phase.credits_charged > 0
+            if refunded:
+                balance_crud.refund_credits(
+                    session=s,
+                    user_id=state.user_id,
+                    amount=phase.credits_charged,
+                    idempotency_key=f"refund:{phase.id}",
+                    execution_id=state.execution_id,
+                    phase_id=phase.id,
+                    reason=f"{status.value} phase {phase.node_id}",
+                )
+            phase_crud.update_phase(
+                session=s,
+                phase=phase,
+                status=status,
+                error=outcome.error,
+                credits_charged=0 if refunded else None,
+            )
+            if outcome.cancelled:
+                _finish(
+                    s,
+                    state.execution_id,
+                    ExecutionStatus.CANCELLED,
+                    "cancelled by the user",
+                    PhaseStatus.CANCELLED,
+                )
+                return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
+            message = f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
+            if outcome.execution_timeout:
+                message = _timeout_message(settings)
+            _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
+            return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
+    return _end(engine, state, ExecutionStatus.COMPLETED, None)
+
+
+def _timeout_message(settings: Any) -> str:
+    return f"execution timed out after {settings.EXECUTION_TIMEOUT_SECONDS:g}s"
+
+
+def _end(engine: Engine, state: _RunState, status: ExecutionStatus, error: str | None) -> RunResult:
+    with unit_of_work(engine) as s:
+        held, _ = execution_crud.renew_lease(
+            session=s,
+            execution_id=state.execution_id,
+            owner=state.owner,
+            lease_seconds=state.lease,
+        )
+        if not held:
+            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+        _finish(
+            s,
+            state.execution_id,
+            status,
+            error,
+            PhaseStatus.SKIPPED,
+        )
+        credits = s.get(WorkflowExecution, state.execution_id).credits_consumed
+    outcome = Outcome.COMPLETED if status == ExecutionStatus.COMPLETED else Outcome.FAILED
+    return RunResult(outcome, phases_run=state.phases_run, credits=credits, error=error)
+
+
+def _load_credential(s: Session, credential_id: Any, user_id: uuid.UUID) -> Any:
+    """Decrypt the node's credential for this one call (scoped to the run's user)."""
+    from flowbuilder.platform.crud import credentials_crud
+    from flowbuilder.platform.nodes.base import NodeCredential
+
+    try:
+        cred, secret = credentials_crud.resolve_credential_value(
+            session=s, credential_id=uuid.UUID(str(credential_id)), user_id=user_id
+        )
+    except NotFound:
+        return None
+    return NodeCredential(type=cred.type, secret=secret, name=cred.name)
+
+
+@dataclass
+class _NodeOutcome:
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    cancelled: bool = False
+    execution_timeout: bool = False
+    logs: list[Any] = field(default_factory=list)
+
+
+def _invoke(
+    node_type: Any,
+    node: Any,
+    phase: ExecutionPhase,
+    inputs: dict[str, Any],
+    credential: Any,
+    state: _RunState,
+    heartbeat: _Heartbeat,
+) -> _NodeOutcome:
+    """Run one node with its timeout and its declared retries for transient errors."""
+    from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
+
+    node_log = NodeLogger()
+    timeout = float(node.timeout_seconds or node_type.timeout_seconds)
+    attempts = 1 + (int(node_type.max_retries) if node_type.retryable else 0)
+    result = _NodeOutcome()
+    for attempt in range(1, attempts + 1):
+        left = state.deadline - time.monotonic()
+        budget = min(timeout, left)
+        if budget <= 0:
+            result.error, result.execution_timeout = "execution time budget exhausted", True
+            break
+        ctx = NodeContext(
+            execution_id=state.execution_id,
+            user_id=state.user_id,
+            node_id=phase.node_id,
+            credential=credential,
+            log=node_log,
+            deadline=time.monotonic() + budget,
+            cancelled=heartbeat.cancelled.is_set,
+        )
+        started = time.monotonic()
+        future = _node_pool.submit(node_type.invoke, inputs, ctx)
+        try:
+            result.outputs = future.result(timeout=budget + 0.5)
+            result.error = None
+            break
+        except concurrent.futures.TimeoutError:
+            result.error = f"timed out after {budget:g}s"
+            result.execution_timeout = budget < timeout
+            node_log.error(f"node {phase.node_id} timed out after {budget:g}s")
+            break
+        except NodeCancelled:
+            result.error, result.cancelled = "cancelled", True
+            break
+        except TransientError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            if attempt < attempts and not heartbeat.cancelled.is_set():
+                backoff = float(node_type.retry_backoff_seconds) * (2 ** (attempt - 1))
+                backoff = min(backoff, max(0.0, state.deadline - time.monotonic() - 0.1))
+                node_log.warning(
+                    f"attempt {attempt} of {attempts} failed ({result.error}); "
+                    f"retrying in {backoff:.1f}s"
+                )
+                logger.info("node_retry", node_id=phase.node_id, attempt=attempt, backoff=backoff)
+                time.sleep(backoff)
+                continue
+            if time.monotonic() - started >= budget and budget < timeout:
+                result.execution_timeout = True
+            break
+        except NodeError as exc:
+            result.error = str(exc)
+            break
+        except Exception as exc:  # noqa: BLE001 - a node bug must fail the phase, not the worker
+            logger.exception("node_crashed", node_id=phase.node_id, node_type=phase.node_type)
+            result.error = f"internal error in node type {phase.node_type} ({type(exc).__name__})"
+            break
+    if result.error is not None and not result.cancelled:
+        node_log.error(result.error)
+    result.logs = [(e.level, e.message, e.timestamp) for e in node_log.drain()]
+    return result

@@ -1,0 +1,165 @@
+"""The Celery application: Amazon SQS as the broker, PostgreSQL as the record.
+
+Each reliability setting below says what it protects against. The execution record in
+the database is the source of truth; the broker only carries execution ids, and every
+task tolerates being delivered more than once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery, signals
+
+from flowbuilder.platform import db
+from flowbuilder.platform.logging import bind_context, clear_context, setup_logging
+from flowbuilder.platform.settings import Settings, get_settings
+
+EXECUTIONS_QUEUE = "executions"
+# The header that carries the API's correlation id into the worker's log lines.
+# (Celery's own ``correlation_id`` is the task id, so it cannot be reused.)
+CORRELATION_HEADER = "x_correlation_id"
+
+
+def queue_name(settings: Settings, name: str) -> str:
+    return f"{settings.SQS_QUEUE_PREFIX}{name}"
+
+
+def dead_letter_queue_name(settings: Settings) -> str:
+    return queue_name(settings, f"{EXECUTIONS_QUEUE}-dlq")
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker URL. For ``sqs://`` without a host, SQS_ENDPOINT_URL supplies one.
+
+    kombu's SQS transport takes its endpoint from the URL's host (and ``is_secure``
+    from the transport options), so moto, LocalStack and AWS share one code path.
+    """
+    url = settings.broker_url
+    if url.startswith("sqs://") and settings.SQS_ENDPOINT_URL:
+        rest = url[len("sqs://") :]
+        creds, _, host = rest.rpartition("@")
+        if not host.strip("/"):
+            endpoint = urlsplit(settings.SQS_ENDPOINT_URL)
+            netloc = endpoint.netloc
+            return f"sqs://{creds + '@' if creds else ''}{netloc}"
+    return url
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    url = settings.broker_url
+    if url.startswith("sqs://"):
+        options: dict[str, Any] = {
+            "region": settings.AWS_REGION,
+            # Must exceed the longest allowed execution attempt, or SQS re-delivers a
+            # message whose run is still going (the lease makes that harmless, but it
+            # is wasted work). `flowbuilder sqs ensure-queues` sets it on the queue too:
+            # kombu only applies it to queues that it creates itself.
+            "visibility_timeout": settings.SQS_VISIBILITY_TIMEOUT,
+            "wait_time_seconds": settings.SQS_WAIT_TIME_SECONDS,
+            "polling_interval": 0.5,
+            "queue_name_prefix": settings.SQS_QUEUE_PREFIX,
+        }
+        if settings.SQS_ENDPOINT_URL:
+            options["is_secure"] = settings.SQS_ENDPOINT_URL.startswith("https://")
+        return options
+    if url.startswith("filesystem://"):
+        # The embedded default: a broker in plain folders, no server needed.
+        folder = (settings.FLOWBUILDER_HOME / "broker").resolve()
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    return {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    budget = settings.EXECUTION_TIMEOUT_SECONDS
+    return {
+        "broker_url": broker_url(settings),
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        # Results live in PostgreSQL (the execution row), not in a result backend.
+        "result_backend": None,
+        "task_ignore_result": True,
+        # JSON only: a pickle payload from a compromised queue would be code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        # Acknowledge after the run, not on receipt: a worker that dies mid-run leaves the
+        # message for another worker. The cost: a task may be executed twice if the
+        # worker crashes, which the execution lease and per-phase checkpoints absorb.
+        "task_acks_late": True,
+        # A child killed by the OS (SIGKILL, OOM) gets its message re-queued rather than
+        # acknowledged as failed; same cost as above.
+        "task_reject_on_worker_lost": True,
+        # Executions are long: a worker should not hoard messages that an idle worker
+        # could run. One message per process at a time.
+        "worker_prefetch_multiplier": 1,
+        # Hard limit above the engine's own budget, so the engine records a clean
+        # timeout first; the hard limit only catches a stuck process.
+        "task_soft_time_limit": budget + 30,
+        "task_time_limit": budget + 60,
+        # Our structlog configuration owns the root logger.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "task_default_queue": EXECUTIONS_QUEUE,
+        "task_routes": {"flowbuilder.*": {"queue": EXECUTIONS_QUEUE}},
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "beat_schedule": {
+            "sweep-stale-executions": {
+                "task": "flowbuilder.sweep_stale_executions",
+                "schedule": max(30.0, settings.SWEEP_PENDING_AFTER_SECONDS / 2),
+            }
+        },
+        "redbeat_redis_url": settings.REDIS_URL,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def configure(app: Celery, settings: Settings | None = None) -> Celery:
+    """(Re)apply the settings to ``app``; tests call it after overriding settings."""
+    app.conf.update(celery_config(settings or get_settings()))
+    return app
+
+
+app = Celery("flowbuilder", include=["flowbuilder.tasks.execution"])
+configure(app)
+
+
+# ------------------------------------------------------------------------------ signals
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    # Connecting this signal stops Celery from configuring logging itself.
+    setup_logging()
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Never share a pooled connection with the parent process.
+    db.dispose_engines_after_fork()
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -> None:
+    clear_context()
+    request = task.request if task is not None else None
+    headers = (getattr(request, "headers", None) or {}) if request is not None else {}
+    correlation = headers.get(CORRELATION_HEADER) or getattr(request, CORRELATION_HEADER, None)
+    bind_context(task_id=task_id, task_name=getattr(task, "name", None))
+    if correlation:
+        bind_context(correlation_id=correlation)
+
+
+@signals.task_postrun.connect
+def _clear_task_context(**_: Any) -> None:
+    clear_context()
