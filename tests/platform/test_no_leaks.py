@@ -1,0 +1,269 @@
+"""A stored secret value never shows up in logs, errors, reprs or the database row.
+
+A distinctive random value goes through a workflow-like use (create credential → resolve
+→ build an ``Authorization: Bearer`` header as a node would → log and raise with the
+SecretStr and the credential object in hand), with structlog at DEBUG writing JSON to
+stderr (botocore's request/response logging included). Then everything captured is
+scanned for the value and its encodings.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets as pysecrets
+import socket
+import traceback
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from sqlmodel import Session, select
+
+from flowbuilder.platform import crypto, secrets
+from flowbuilder.platform.crud import credentials_crud
+from flowbuilder.platform.errors import FlowBuilderError, SecretError
+from flowbuilder.platform.logging import setup_logging
+from flowbuilder.platform.models import Credential, CredentialRead, DatabaseSecret
+from flowbuilder.platform.nodes.base import NodeContext, NodeCredential, NodeError
+from flowbuilder.platform.settings import override_settings
+from tests.factories import make_user
+
+
+def _forms(value: str) -> list[str]:
+    raw = value.encode()
+    return [
+        value,
+        base64.b64encode(raw).decode(),
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        raw.hex(),
+    ]
+
+
+def _leaks(text: str, value: str) -> list[str]:
+    return [form for form in _forms(value) if form in text]
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def debug_logging(capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """The platform's logging at DEBUG (JSON to stderr); the previous setup is restored.
+
+    Depends on ``capfd`` so the handler writes to the stderr that capfd captures.
+    """
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    noisy = ("botocore", "boto3", "urllib3")
+    saved_noisy = {name: logging.getLogger(name).level for name in noisy}
+    saved_structlog = structlog.get_config()
+    setup_logging("DEBUG", json=True, force=True)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, level in saved_noisy.items():
+            logging.getLogger(name).setLevel(level)
+        structlog.reset_defaults()
+        structlog.configure(**saved_structlog)
+
+
+@pytest.fixture(params=["db", "aws"])
+def backend(request: pytest.FixtureRequest, session: Session) -> Iterator[str]:
+    if request.param == "db":
+        with override_settings(USE_DB_SECRETS=True):
+            yield "db"
+    else:
+        url = request.getfixturevalue("moto_reset")
+        with override_settings(USE_DB_SECRETS=False, SECRETS_MANAGER_ENDPOINT_URL=url):
+            yield url
+
+
+def _exception_texts(exc: BaseException) -> list[str]:
+    texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc))]
+    for arg in exc.args:
+        texts.append(repr(arg))
+    return texts
+
+
+def test_secret_value_never_leaks(
+    session: Session,
+    backend: str,
+    debug_logging: None,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    value = "canary-" + pysecrets.token_urlsafe(24)
+    log = structlog.get_logger("tests.no_leaks")
+    stdlib_log = logging.getLogger("tests.no_leaks.stdlib")
+    seen: list[str] = []  # every string produced along the way, scanned at the end
+
+    # --- store and resolve, as the API and then the worker do --------------------------------
+    user = make_user(session)
+    stranger = make_user(session)
+    credential = credentials_crud.create_credential(
+        session=session, user_id=user.id, name="prod api", type="bearer_token", secret_value=value
+    )
+    session.commit()
+    resolved, secret = credentials_crud.resolve_credential_value(
+        session=session, credential_id=credential.id, user_id=user.id
+    )
+    assert secret.get_secret_value() == value
+
+    # --- a node uses it ------------------------------------------------------------------------
+    node_credential = NodeCredential(type=resolved.type, secret=secret, name=resolved.name)
+    context = NodeContext(
+        execution_id=uuid.uuid4(), user_id=user.id, node_id="n1", credential=node_credential
+    )
+    headers = {"Authorization": f"Bearer {context.credential.secret.get_secret_value()}"}
+    # The scanner must be able to see the value where it legitimately is.
+    assert _leaks(headers["Authorization"], value) == [value]
+
+    log.info(
+        "node_request_prepared",
+        credential=resolved,
+        secret=secret,
+        value=secret,
+        node_credential=node_credential,
+        context=context,
+        authorization=headers["Authorization"],
+    )
+    log.debug("node_credential_debug", cred=repr(resolved), masked=str(secret))
+    stdlib_log.info("resolved %s for %r via %s", secret, resolved, node_credential)
+    context.log.info(f"calling the API with credential {node_credential} ({secret})")
+    seen.extend(entry.message for entry in context.log.drain())
+
+    # --- errors that carry the credential objects ---------------------------------------------
+    errors: list[BaseException] = []
+    try:
+        raise NodeError(f"request failed using {secret} / {secret!r} / {resolved!r} / {context}")
+    except NodeError as exc:
+        log.exception("node_failed", credential=resolved)
+        stdlib_log.exception("node failed with %r", node_credential)
+        errors.append(exc)
+    try:
+        raise FlowBuilderError(node_credential, resolved, secret)
+    except FlowBuilderError as exc:
+        log.error("wrapped", exc_info=True)
+        errors.append(exc)
+
+    # --- failure paths of the secret machinery itself -------------------------------------------
+    for call in (
+        lambda: credentials_crud.resolve_credential_value(
+            session=session, credential_id=credential.id, user_id=stranger.id
+        ),
+        lambda: secrets.retrieve_secret(credential.secret_ref, session, stranger.id),
+        lambda: secrets.retrieve_secret(value, session, user.id),  # value passed as a reference
+        lambda: credentials_crud.create_credential(
+            session=session, user_id=user.id, name="prod api", type="nope", secret_value=value
+        ),
+        lambda: credentials_crud.create_credential(
+            session=session, user_id=user.id, name="prod api", type="api_key", secret_value=value
+        ),
+    ):
+        try:
+            call()
+        except FlowBuilderError as exc:
+            log.warning("expected_failure", error=str(exc), exc_info=True)
+            errors.append(exc)
+        else:  # pragma: no cover
+            pytest.fail("expected an error")
+    if backend == "db":
+        row = session.exec(select(DatabaseSecret)).one()
+        try:
+            crypto.DatabaseSecretManager(
+                "some-other-password-x", "some-other-salt-y", old_password=""
+            ).decrypt_secret(row.encrypted_value)
+        except SecretError as exc:
+            errors.append(exc)
+        tampered = row.encrypted_value[:-5] + "AAAAA"
+        try:
+            crypto.decrypt_secret(tampered)
+        except SecretError as exc:
+            errors.append(exc)
+    else:
+        with override_settings(SECRETS_MANAGER_ENDPOINT_URL=_closed_port_url()):
+            for call in (
+                lambda: credentials_crud.create_credential(
+                    session=session, user_id=user.id, name="x", type="api_key", secret_value=value
+                ),
+                lambda: credentials_crud.resolve_credential_value(
+                    session=session, credential_id=credential.id, user_id=user.id
+                ),
+                lambda: credentials_crud.delete_credential(
+                    session=session, credential_id=credential.id, user_id=user.id
+                ),
+            ):
+                try:
+                    call()
+                except SecretError as exc:
+                    log.error("backend_down", exc_info=True)
+                    errors.append(exc)
+    assert len(errors) >= 8
+    for exc in errors:
+        seen.extend(_exception_texts(exc))
+
+    # --- reprs and stored data ------------------------------------------------------------------
+    session.expire_all()
+    for row in session.exec(select(DatabaseSecret)):
+        seen += [row.encrypted_value, repr(row), str(row.model_dump())]
+    for cred in session.exec(select(Credential)):
+        seen += [repr(cred), str(cred), cred.model_dump_json()]
+        seen.append(CredentialRead.model_validate(cred).model_dump_json())
+    seen += [repr(secret), str(secret), repr(node_credential), repr(context)]
+    seen += [repr(crypto.DatabaseSecretManager()), repr(crypto._KEY_CACHE)]
+
+    # --- and finally the deletion path ----------------------------------------------------------
+    credentials_crud.delete_credential(
+        session=session, credential_id=credential.id, user_id=user.id
+    )
+    session.commit()
+
+    captured = capfd.readouterr()
+    seen += [captured.out, captured.err, caplog.text]
+    for record in caplog.records:
+        seen += [record.getMessage(), repr(record.msg), repr(record.args), repr(record.__dict__)]
+
+    # The logs did run (otherwise there is nothing to prove).
+    assert "node_request_prepared" in captured.err
+    assert "credential_resolved" in captured.err
+    assert "[redacted]" in captured.err  # authorization=... was dropped by the processor
+    if backend != "db":
+        assert "botocore" in captured.err or any(
+            r.name.startswith("botocore") for r in caplog.records
+        )
+
+    everything = "\n".join(seen)
+    assert _leaks(everything, value) == []
+
+
+def test_botocore_debug_records_with_secret_payloads_are_withheld(
+    session: Session,
+    moto_reset: str,
+    debug_logging: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At DEBUG botocore logs request params and response bodies; ours are withheld."""
+    caplog.set_level(logging.DEBUG)
+    value = "boto-canary-" + pysecrets.token_hex(12)
+    with override_settings(USE_DB_SECRETS=False, SECRETS_MANAGER_ENDPOINT_URL=moto_reset):
+        user = make_user(session)
+        ref = secrets.create_secret(session, "k", value, user.id)
+        assert secrets.retrieve_secret(ref, session, user.id) == value
+    botocore_records = [r for r in caplog.records if r.name.startswith("botocore")]
+    assert botocore_records, "botocore debug logging did not run"
+    withheld = [r for r in botocore_records if "withheld" in r.getMessage()]
+    assert withheld  # CreateSecret params and the GetSecretValue response at least
+    texts: list[Any] = [caplog.text]
+    texts += [r.getMessage() for r in caplog.records]
+    assert _leaks("\n".join(texts), value) == []

@@ -1,0 +1,484 @@
+"""Secret storage on both backends, user scoping, bad references and key rotation.
+
+The database backend runs on SQLite and PostgreSQL (the ``session`` fixture); the AWS
+backend talks to the real Secrets Manager API served by moto's server mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from flowbuilder.platform import crypto, db, secrets
+from flowbuilder.platform.crud import db_secret_crud
+from flowbuilder.platform.crypto import DatabaseSecretManager
+from flowbuilder.platform.errors import Conflict, NotFound, SecretError, ValidationFailed
+from flowbuilder.platform.models import DatabaseSecret
+from flowbuilder.platform.settings import get_settings, override_settings
+from tests.factories import make_user
+
+OLD = ("rotation-old-password-1a", "rotation-old-salt-1a")
+STRAY = ("stray-password-never-configured", "stray-salt-never-configured")
+
+
+def _shape(exc: BaseException, reference: str) -> tuple[type, str]:
+    """An error with the reference blanked out, to compare message shapes."""
+    return type(exc), str(exc).replace(reference, "<ref>")
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def aws(session: Session, moto_reset: str) -> Iterator[str]:
+    """USE_DB_SECRETS=false against moto's Secrets Manager (fresh state)."""
+    with override_settings(USE_DB_SECRETS=False, SECRETS_MANAGER_ENDPOINT_URL=moto_reset):
+        yield moto_reset
+
+
+def _sm(url: str):
+    return boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=url)
+
+
+# --- database backend --------------------------------------------------------------------------
+
+
+def test_db_round_trip(session: Session) -> None:
+    user = make_user(session)
+    ref = secrets.create_secret(session, "github token", "ghp_" + "a" * 36, user.id)
+    assert ref.startswith("db:")
+    row = session.get(DatabaseSecret, uuid.UUID(ref[3:]))
+    assert row is not None and row.user_id == user.id and row.name == "github token"
+    assert row.key_id == crypto.current_key_id()
+    assert "ghp_" not in row.encrypted_value
+    session.commit()
+    assert secrets.retrieve_secret(ref, session, user.id) == "ghp_" + "a" * 36
+    assert secrets.delete_secret(session, ref, user.id) is True
+    session.commit()
+    assert session.get(DatabaseSecret, row.id) is None
+    with pytest.raises(NotFound):
+        secrets.retrieve_secret(ref, session, user.id)
+
+
+def test_db_another_users_secret_fails_like_a_missing_one(session: Session) -> None:
+    owner, other = make_user(session), make_user(session)
+    ref = secrets.create_secret(session, "k", "owner-only-value", owner.id)
+    missing = f"db:{uuid.uuid4()}"
+    with pytest.raises(NotFound) as foreign:
+        secrets.retrieve_secret(ref, session, other.id)
+    with pytest.raises(NotFound) as absent:
+        secrets.retrieve_secret(missing, session, other.id)
+    assert _shape(foreign.value, ref) == _shape(absent.value, missing)
+    assert str(foreign.value) == f"secret {ref} not found"
+    with pytest.raises(NotFound) as foreign_delete:
+        secrets.delete_secret(session, ref, other.id)
+    assert _shape(foreign_delete.value, ref) == _shape(absent.value, missing)
+    assert secrets.delete_secret(session, ref, other.id, missing_ok=True) is False
+    assert secrets.retrieve_secret(ref, session, owner.id) == "owner-only-value"
+
+
+def test_db_duplicate_name_is_a_conflict(session: Session) -> None:
+    user = make_user(session)
+    secrets.create_secret(session, "same", "v1", user.id)
+    with pytest.raises(Conflict, match="a secret named 'same' already exists"):
+        secrets.create_secret(session, "same", "v2", user.id)
+    # Another user may use the name; the session is still usable.
+    secrets.create_secret(session, "same", "v3", make_user(session).id)
+    session.commit()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("", "v", "secret_name: must be a non-empty string"),
+        ("n" * 201, "v", "secret_name: at most 200"),
+        ("n", "", "secret_value: must not be empty"),
+        ("n", 123, "secret_value: must be a string, got int"),
+    ],
+)
+def test_create_validates_inputs(session: Session, name, value, problem: str) -> None:
+    user = make_user(session)
+    with pytest.raises(ValidationFailed, match=problem):
+        secrets.create_secret(session, name, value, user.id)
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "",
+        "db:",
+        "db:123",
+        "db:not-a-uuid",
+        "aws:",
+        "aws:arn:aws:s3:::bucket",
+        "aws:arn:aws:secretsmanager:us-east-1:123:secret:x",
+        "ftp:whatever",
+        "sk_live_looks_like_a_value_passed_by_mistake",
+        None,
+        42,
+        b"db:00000000-0000-0000-0000-000000000000",
+    ],
+)
+def test_garbage_references_raise_clear_errors(session: Session, reference: object) -> None:
+    user = make_user(session)
+    for call in (
+        lambda: secrets.retrieve_secret(reference, session, user.id),  # type: ignore[arg-type]
+        lambda: secrets.delete_secret(session, reference, user.id),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(SecretError) as info:
+            call()
+        assert "malformed secret reference" in str(info.value)
+        if isinstance(reference, str) and len(reference) > 8:
+            assert reference not in str(info.value)
+
+
+def test_db_secret_that_cannot_be_decrypted_raises_secret_error(session: Session) -> None:
+    user = make_user(session)
+    ref = secrets.create_secret(session, "k", "value", user.id)
+    row = session.get(DatabaseSecret, uuid.UUID(ref[3:]))
+    row.encrypted_value = row.encrypted_value[:-4] + "AAAA"
+    session.flush()
+    with pytest.raises(SecretError, match="failed authentication"):
+        secrets.retrieve_secret(ref, session, user.id)
+
+
+def test_db_crud_scoping(session: Session) -> None:
+    owner, other = make_user(session), make_user(session)
+    row = db_secret_crud.create_db_secret(session=session, user_id=owner.id, name="n", value="v")
+    assert db_secret_crud.get_db_secret(session=session, secret_id=row.id, user_id=owner.id) is row
+    with pytest.raises(NotFound, match=f"secret {row.id} not found"):
+        db_secret_crud.get_db_secret(session=session, secret_id=row.id, user_id=other.id)
+    with pytest.raises(NotFound):
+        db_secret_crud.delete_db_secret(session=session, secret_id=row.id, user_id=other.id)
+    assert (
+        db_secret_crud.read_db_secret_value(session=session, secret_id=row.id, user_id=owner.id)
+        == "v"
+    )
+
+
+# --- AWS backend (moto server) ---------------------------------------------------------------
+
+
+def test_aws_round_trip(session: Session, aws: str) -> None:
+    user = make_user(session)
+    ref = secrets.create_secret(session, "My API key (prod)", "aws-stored-value-1", user.id)
+    assert ref.startswith("aws:arn:aws:secretsmanager:us-east-1:")
+    arn = ref[4:]
+    described = _sm(aws).describe_secret(SecretId=arn)
+    prefix = f"{get_settings().SECRETS_MANAGER_PREFIX}{user.id}/"
+    assert described["Name"].startswith(prefix + "My-API-key--prod--")
+    assert {"Key": secrets.USER_TAG, "Value": str(user.id)} in described["Tags"]
+    # Nothing went to the database.
+    assert session.exec(select(DatabaseSecret)).first() is None
+    assert secrets.retrieve_secret(ref, session, user.id) == "aws-stored-value-1"
+    assert secrets.delete_secret(session, ref, user.id) is True
+    with pytest.raises(_sm(aws).exceptions.ResourceNotFoundException):
+        _sm(aws).describe_secret(SecretId=arn)
+    with pytest.raises(NotFound, match="not found"):
+        secrets.retrieve_secret(ref, session, user.id)
+    with pytest.raises(NotFound):
+        secrets.delete_secret(session, ref, user.id)
+    assert secrets.delete_secret(session, ref, user.id, missing_ok=True) is False
+
+
+def test_aws_names_get_a_random_suffix(session: Session, aws: str) -> None:
+    user = make_user(session)
+    first = secrets.create_secret(session, "same", "one", user.id)
+    second = secrets.create_secret(session, "same", "two", user.id)
+    assert first != second
+    assert secrets.retrieve_secret(first, session, user.id) == "one"
+    assert secrets.retrieve_secret(second, session, user.id) == "two"
+
+
+def test_aws_another_users_secret_fails_like_a_missing_one(session: Session, aws: str) -> None:
+    owner, other = make_user(session), make_user(session)
+    ref = secrets.create_secret(session, "k", "owner-only-aws-value", owner.id)
+    region_account = ref.split(":secret:")[0]
+    prefix = get_settings().SECRETS_MANAGER_PREFIX
+    missing = f"{region_account}:secret:{prefix}{other.id}/ghost-0000-AbCdEf"
+    with pytest.raises(NotFound) as foreign:
+        secrets.retrieve_secret(ref, session, other.id)
+    with pytest.raises(NotFound) as absent:
+        secrets.retrieve_secret(missing, session, other.id)
+    assert _shape(foreign.value, ref) == _shape(absent.value, missing)
+    with pytest.raises(NotFound) as foreign_delete:
+        secrets.delete_secret(session, ref, other.id)
+    assert _shape(foreign_delete.value, ref) == _shape(absent.value, missing)
+    # The owner's secret is untouched.
+    assert secrets.retrieve_secret(ref, session, owner.id) == "owner-only-aws-value"
+
+
+def test_aws_ownership_is_also_checked_by_tag(session: Session, aws: str) -> None:
+    """A secret under the user's name prefix but not tagged for them is not theirs."""
+    user, other = make_user(session), make_user(session)
+    prefix = f"{get_settings().SECRETS_MANAGER_PREFIX}{user.id}/"
+    client = _sm(aws)
+    mistagged = client.create_secret(
+        Name=prefix + "planted",
+        SecretString="planted-value",
+        Tags=[{"Key": secrets.USER_TAG, "Value": str(other.id)}],
+    )["ARN"]
+    untagged = client.create_secret(Name=prefix + "untagged", SecretString="x")["ARN"]
+    for arn in (mistagged, untagged):
+        with pytest.raises(NotFound):
+            secrets.retrieve_secret(f"aws:{arn}", session, user.id)
+        with pytest.raises(NotFound):
+            secrets.delete_secret(session, f"aws:{arn}", user.id)
+    assert client.get_secret_value(SecretId=mistagged)["SecretString"] == "planted-value"
+
+
+def test_aws_unreachable_endpoint_raises_secret_error(session: Session, aws: str) -> None:
+    user = make_user(session)
+    ref = secrets.create_secret(session, "k", "reachable-value", user.id)
+    with override_settings(SECRETS_MANAGER_ENDPOINT_URL=_closed_port_url()):
+        with pytest.raises(SecretError) as created:
+            secrets.create_secret(session, "k2", "unreachable-value-xyz", user.id)
+        assert "create_secret failed: EndpointConnectionError" in str(created.value)
+        assert "unreachable-value-xyz" not in repr(created.value)
+        assert isinstance(created.value.__cause__, Exception)
+        with pytest.raises(SecretError, match="describe_secret failed"):
+            secrets.retrieve_secret(ref, session, user.id)
+        with pytest.raises(SecretError):
+            secrets.delete_secret(session, ref, user.id)
+    assert secrets.retrieve_secret(ref, session, user.id) == "reachable-value"
+
+
+def test_references_keep_working_after_the_backend_setting_changes(
+    session: Session, aws: str
+) -> None:
+    user = make_user(session)
+    aws_ref = secrets.create_secret(session, "in-aws", "aws-value", user.id)
+    with override_settings(USE_DB_SECRETS=True):
+        db_ref = secrets.create_secret(session, "in-db", "db-value", user.id)
+        assert secrets.retrieve_secret(aws_ref, session, user.id) == "aws-value"
+    assert secrets.retrieve_secret(db_ref, session, user.id) == "db-value"
+
+
+def test_client_is_cached_per_region_and_endpoint(aws: str) -> None:
+    assert secrets.secrets_manager_client() is secrets.secrets_manager_client()
+    assert secrets.secrets_manager_client("eu-west-1") is not secrets.secrets_manager_client()
+    with override_settings(SECRETS_MANAGER_ENDPOINT_URL=aws + "/"):
+        assert secrets.secrets_manager_client() is not secrets._client("us-east-1", aws)
+
+
+# --- key rotation ------------------------------------------------------------------------------
+
+
+def _uow(engine: sa.Engine):
+    return lambda: db.unit_of_work(engine)
+
+
+def _seed(session: Session, count: int, manager: DatabaseSecretManager) -> dict[str, str]:
+    """``count`` committed secrets (two users) encrypted with ``manager``; ref → value."""
+    users = [make_user(session), make_user(session)]
+    refs = {}
+    for i in range(count):
+        user = users[i % 2]
+        value = f"value-{i}-{uuid.uuid4().hex}"
+        row = db_secret_crud.create_db_secret(
+            session=session, user_id=user.id, name=f"s{i}", value=value, manager=manager
+        )
+        refs[f"db:{row.id}|{user.id}"] = value
+    session.commit()
+    return refs
+
+
+def _check_all(session: Session, refs: dict[str, str]) -> None:
+    session.expire_all()
+    for key, value in refs.items():
+        ref, user_id = key.split("|")
+        assert secrets.retrieve_secret(ref, session, uuid.UUID(user_id)) == value
+
+
+def _key_ids(session: Session) -> dict[uuid.UUID, str]:
+    session.expire_all()
+    return {row.id: row.key_id for row in session.exec(select(DatabaseSecret))}
+
+
+@contextlib.contextmanager
+def _rotating_settings() -> Iterator[None]:
+    """The live process during rotation: new key current, old key accepted."""
+    with override_settings(
+        SECRET_ENCRYPTION_OLD_PASSWORD=get_settings().SECRET_ENCRYPTION_PASSWORD,
+        SECRET_ENCRYPTION_OLD_SALT=get_settings().SECRET_ENCRYPTION_SALT,
+        SECRET_ENCRYPTION_PASSWORD="rotation-new-password-2b",
+        SECRET_ENCRYPTION_SALT="rotation-new-salt-2b",
+    ):
+        yield
+
+
+def test_rotation_from_settings(session: Session, engine: sa.Engine) -> None:
+    refs = _seed(session, 7, DatabaseSecretManager())
+    old_id = crypto.current_key_id()
+    with _rotating_settings():
+        new_id = crypto.current_key_id()
+        assert new_id != old_id
+        # Before rotation the live process reads old rows with the old key.
+        _check_all(session, refs)
+        session.commit()
+        report = secrets.rotate_database_key(_uow(engine), batch_size=3)
+        assert report.key_id == new_id
+        assert (report.rotated, report.failed, report.batches, report.remaining) == (7, 0, 3, 0)
+        assert report.complete
+        assert set(_key_ids(session).values()) == {new_id}
+        _check_all(session, refs)
+        session.commit()
+        # Nothing left to do: a rerun changes nothing.
+        again = secrets.rotate_database_key(_uow(engine), batch_size=3)
+        assert (again.rotated, again.batches, again.remaining) == (0, 0, 0)
+        # The old key can now be dropped from the settings.
+        with override_settings(
+            SECRET_ENCRYPTION_OLD_PASSWORD=None, SECRET_ENCRYPTION_OLD_SALT=None
+        ):
+            _check_all(session, refs)
+
+
+def test_rotation_with_explicit_keys(session: Session, engine: sa.Engine) -> None:
+    refs = _seed(session, 4, DatabaseSecretManager(*OLD, old_password=""))
+    password = get_settings().SECRET_ENCRYPTION_PASSWORD.get_secret_value()
+    salt = get_settings().SECRET_ENCRYPTION_SALT.get_secret_value()
+    report = secrets.rotate_database_key(_uow(engine), old=OLD, new=(password, salt))
+    assert (report.rotated, report.failed, report.batches, report.remaining) == (4, 0, 1, 0)
+    assert set(_key_ids(session).values()) == {crypto.current_key_id()}
+    _check_all(session, refs)  # no old key configured any more
+
+
+def test_rotation_reports_and_skips_undecryptable_rows(session: Session, engine: sa.Engine) -> None:
+    refs = _seed(session, 5, DatabaseSecretManager())
+    user = make_user(session)
+    stray = db_secret_crud.create_db_secret(
+        session=session,
+        user_id=user.id,
+        name="stray",
+        value="encrypted with a key nobody has",
+        manager=DatabaseSecretManager(*STRAY, old_password=""),
+    )
+    tampered = db_secret_crud.create_db_secret(
+        session=session, user_id=user.id, name="tampered", value="will be altered"
+    )
+    tampered.encrypted_value = tampered.encrypted_value[:-6] + "AAAAAA"
+    garbage = DatabaseSecret(
+        user_id=user.id, name="garbage", encrypted_value="not-a-token", key_id="legacy"
+    )
+    session.add(garbage)
+    session.commit()
+    bad = {
+        stray.id: stray.encrypted_value,
+        tampered.id: tampered.encrypted_value,
+        garbage.id: garbage.encrypted_value,
+    }
+    with _rotating_settings():
+        report = secrets.rotate_database_key(_uow(engine), batch_size=2)
+        assert report.rotated == 5
+        assert report.failed == 3 and set(report.failed_ids) == set(bad)
+        assert report.remaining == 3 and not report.complete
+        session.expire_all()
+        for row_id, ciphertext in bad.items():
+            row = session.get(DatabaseSecret, row_id)
+            assert row.encrypted_value == ciphertext  # never overwritten
+        _check_all(session, refs)
+        session.commit()
+        # A rerun reports the same rows again and still does not crash.
+        again = secrets.rotate_database_key(_uow(engine), batch_size=2)
+        assert (again.rotated, again.failed, again.remaining) == (0, 3, 3)
+
+
+def test_rotation_is_resumable_after_an_interruption(session: Session, engine: sa.Engine) -> None:
+    refs = _seed(session, 10, DatabaseSecretManager())
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def crashing_uow() -> Iterator[Session]:
+        calls["n"] += 1
+        with db.unit_of_work(engine) as s:
+            yield s
+            if calls["n"] == 2:
+                # The batch did its work but the process dies before the commit.
+                raise RuntimeError("simulated crash in batch 2")
+
+    with _rotating_settings():
+        new_id = crypto.current_key_id()
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            secrets.rotate_database_key(crashing_uow, batch_size=4)
+        ids = _key_ids(session)
+        assert sum(1 for k in ids.values() if k == new_id) == 4  # batch 1 committed only
+        # Mid-rotation the live process reads both keys.
+        _check_all(session, refs)
+        session.commit()
+        report = secrets.rotate_database_key(_uow(engine), batch_size=4)
+        assert (report.rotated, report.failed, report.remaining) == (6, 0, 0)
+        assert set(_key_ids(session).values()) == {new_id}
+        _check_all(session, refs)
+
+
+def test_rotation_interrupted_mid_row(session: Session, engine: sa.Engine) -> None:
+    """An exception raised while re-encrypting a row rolls back that batch only."""
+    refs = _seed(session, 6, DatabaseSecretManager())
+    sessions = {"n": 0}
+
+    class Boom(Exception):
+        pass
+
+    @contextlib.contextmanager
+    def uow_failing_on_third_row() -> Iterator[Session]:
+        sessions["n"] += 1
+        with db.unit_of_work(engine) as s:
+            if sessions["n"] == 2:
+                seen = {"rows": 0}
+
+                @sa.event.listens_for(s, "before_flush")
+                def _explode(sess, *_):
+                    seen["rows"] += 1
+                    if seen["rows"] == 2:
+                        raise Boom("disk full")
+
+            yield s
+
+    with _rotating_settings():
+        with pytest.raises(Boom):
+            secrets.rotate_database_key(uow_failing_on_third_row, batch_size=3)
+        assert sum(1 for k in _key_ids(session).values() if k == crypto.current_key_id()) == 3
+        session.commit()
+        report = secrets.rotate_database_key(_uow(engine), batch_size=3)
+        assert (report.rotated, report.remaining) == (3, 0)
+        _check_all(session, refs)
+
+
+def test_rotation_skips_rows_locked_by_another_transaction(
+    session: Session, engine: sa.Engine
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks (FOR UPDATE SKIP LOCKED) are a PostgreSQL feature")
+    refs = _seed(session, 4, DatabaseSecretManager())
+    locked_id = sorted(_key_ids(session))[1]
+    session.commit()
+    with _rotating_settings():
+        with engine.connect() as other:
+            tx = other.begin()
+            other.execute(
+                sa.select(DatabaseSecret.id).where(DatabaseSecret.id == locked_id).with_for_update()
+            )
+            report = secrets.rotate_database_key(_uow(engine), batch_size=10)
+            assert (report.rotated, report.failed, report.remaining) == (3, 0, 1)
+            tx.rollback()
+        assert _key_ids(session)[locked_id] != crypto.current_key_id()
+        session.commit()
+        report = secrets.rotate_database_key(_uow(engine), batch_size=10)
+        assert (report.rotated, report.remaining) == (1, 0)
+        _check_all(session, refs)
+
+
+def test_rotation_rejects_a_bad_batch_size(engine: sa.Engine) -> None:
+    with pytest.raises(ValidationFailed, match="batch_size"):
+        secrets.rotate_database_key(_uow(engine), batch_size=0)
