@@ -7,10 +7,12 @@ task tolerates being delivered more than once.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery, signals
+from kombu import pools as kombu_pools
 
 from flowbuilder.platform import db
 from flowbuilder.platform.logging import bind_context, clear_context, setup_logging
@@ -124,9 +126,33 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _prefer_derived_broker_url(settings: Settings | None = None) -> None:
+    """Undo the celery CLI's own reading of BROKER_URL.
+
+    ``celery worker`` reads the BROKER_URL environment variable itself and copies it to
+    CELERY_BROKER_URL, which then wins over ``app.conf``. Our BROKER_URL may be a bare
+    ``sqs://`` completed by SQS_ENDPOINT_URL, so the CLI's copy is replaced with the
+    URL derived from the settings.
+    """
+    settings = settings or get_settings()
+    env = os.environ.get("CELERY_BROKER_URL")
+    if env and settings.BROKER_URL and env == settings.BROKER_URL:
+        os.environ["CELERY_BROKER_URL"] = broker_url(settings)
+
+
 def configure(app: Celery, settings: Settings | None = None) -> Celery:
     """(Re)apply the settings to ``app``; tests call it after overriding settings."""
-    app.conf.update(celery_config(settings or get_settings()))
+    settings = settings or get_settings()
+    _prefer_derived_broker_url(settings)
+    app.conf.update(celery_config(settings))
+    # Connections made under the old configuration must not be reused. kombu keeps its
+    # pools in a process-wide registry, so that is what gets reset.
+    if app._pool is not None:
+        kombu_pools.reset()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
     return app
 
 
@@ -141,6 +167,12 @@ configure(app)
 def _setup_logging(**_: Any) -> None:
     # Connecting this signal stops Celery from configuring logging itself.
     setup_logging()
+
+
+@signals.celeryd_init.connect
+@signals.beat_init.connect
+def _on_cli_start(**_: Any) -> None:
+    _prefer_derived_broker_url()
 
 
 @signals.worker_process_init.connect
@@ -163,3 +195,13 @@ def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -
 @signals.task_postrun.connect
 def _clear_task_context(**_: Any) -> None:
     clear_context()
+
+
+def ensure_execution_queues(settings: Settings | None = None) -> dict[str, str]:
+    """Create or update the executions queue and its dead-letter queue on SQS."""
+    from flowbuilder.platform import sqs
+
+    settings = settings or get_settings()
+    return sqs.ensure_queues(
+        queue_name(settings, EXECUTIONS_QUEUE), dead_letter_queue_name(settings), settings=settings
+    )

@@ -112,7 +112,7 @@ def _send_pending(session: OrmSession) -> None:
             logger.error(
                 "execution_send_failed",
                 execution_id=str(execution_id),
-                error=type(exc).__name__,
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
             )
 
 

@@ -53,7 +53,9 @@ def test_workflow_scoped_by_user(session: Session) -> None:
     )
     assert got.id == wf.id
     with pytest.raises(NotFound) as other:
-        workflow_crud.get_workflow_by_id_and_user(session=session, workflow_id=wf.id, user_id=bob.id)
+        workflow_crud.get_workflow_by_id_and_user(
+            session=session, workflow_id=wf.id, user_id=bob.id
+        )
     with pytest.raises(NotFound) as missing:
         workflow_crud.get_workflow_by_id_and_user(
             session=session, workflow_id=(missing_id := uuid.uuid4()), user_id=alice.id
@@ -101,7 +103,9 @@ def test_publish_writes_immutable_version_and_schedules(session: Session) -> Non
     session.commit()
     assert v1.version == 1 and wf.status == WorkflowStatus.PUBLISHED
     assert wf.credits_cost == v1.credits_cost > 0
-    assert v1.plan and len(v1.plan["nodes"]) == 3 if "nodes" in v1.plan else v1.plan
+    from flowbuilder.platform.plan import ExecutionPlan
+
+    assert len(ExecutionPlan.from_dict(v1.plan).nodes) == 3
     # 09:00 in Paris is 07:00 or 08:00 UTC depending on DST.
     assert wf.next_run_at is not None and wf.next_run_at.tzinfo is not None
     assert wf.next_run_at.astimezone(UTC).hour in (7, 8)
@@ -294,9 +298,12 @@ def test_phases_and_logs(session: Session) -> None:
         first_seq=seq,
     )
     assert seq == 3
-    assert log_crud.append_logs(
-        session=session, execution_id=ex.id, phase_id=None, entries=[], first_seq=seq
-    ) == 3
+    assert (
+        log_crud.append_logs(
+            session=session, execution_id=ex.id, phase_id=None, entries=[], first_seq=seq
+        )
+        == 3
+    )
     phase_crud.update_phase(
         session=session, phase=first, status=PhaseStatus.COMPLETED, outputs={"b": 2}
     )

@@ -1,0 +1,186 @@
+"""Fixtures for tests with real Celery workers on SQS (moto's server) and PostgreSQL.
+
+moto's in-process mock cannot reach kombu's pycurl client, so the SQS API is moto's
+server mode on 127.0.0.1 (the ``moto_server`` fixture): real HTTP, real visibility
+timeouts, real redrive policies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, SQLModel
+
+from flowbuilder.platform import db
+from flowbuilder.platform.settings import get_settings, override_settings
+from flowbuilder.tasks.app import app, configure, ensure_execution_queues
+
+# Short clocks so crash-and-redelivery tests finish in seconds. The visibility timeout
+# stays above the execution budget, as in production.
+WORKER_SETTINGS = {
+    "BROKER_URL": "sqs://",
+    "SQS_QUEUE_PREFIX": f"fbtest-{uuid.uuid4().hex[:6]}-",
+    "SQS_VISIBILITY_TIMEOUT": 8,
+    "EXECUTION_TIMEOUT_SECONDS": 6,
+    "SQS_WAIT_TIME_SECONDS": 1,
+    "LEASE_SECONDS": 1.5,
+    "SWEEP_PENDING_AFTER_SECONDS": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def _queues(moto_server: str, _pg_schema: str) -> dict[str, Any]:
+    values = dict(WORKER_SETTINGS, SQS_ENDPOINT_URL=moto_server, DATABASE_URL=_pg_schema)
+    with override_settings(**values):
+        ensure_execution_queues()
+    return values
+
+
+@pytest.fixture
+def worker_settings(_queues: dict[str, Any], tmp_path: Path) -> Iterator[Any]:
+    """Settings for SQS + PostgreSQL, an empty database, and the Celery app reconfigured."""
+    with override_settings(**_queues, FLOWBUILDER_HOME=tmp_path) as settings:
+        db.reset_engines()
+        engine = db.get_engine()
+        tables = ", ".join(f'"{t.name}"' for t in SQLModel.metadata.sorted_tables)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"TRUNCATE {tables} CASCADE")
+        configure(app, settings)
+        yield settings
+    db.reset_engines()
+    configure(app)
+
+
+@pytest.fixture
+def pg_session(worker_settings: Any) -> Iterator[Session]:
+    with Session(db.get_engine(), expire_on_commit=False) as s:
+        yield s
+
+
+@pytest.fixture
+def celery_worker(worker_settings: Any) -> Iterator[Any]:
+    """A real Celery worker (solo pool) consuming the SQS queue in this process."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=30
+    ) as worker:
+        yield worker
+
+
+def worker_env(settings: Any, **extra: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in (*WORKER_SETTINGS, "SQS_ENDPOINT_URL", "DATABASE_URL"):
+        env[key] = str(getattr(settings, key))
+    env.update({k: str(v) for k, v in extra.items()})
+    env["LOG_JSON"] = "true"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """`celery -A flowbuilder.tasks worker` in its own process group."""
+
+    def __init__(self, settings: Any, log_path: Path, **extra_env: Any) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "flowbuilder.tasks",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                f"--hostname=w{uuid.uuid4().hex[:6]}@%h",
+            ],
+            env=worker_env(settings, **extra_env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_for(lambda: "ready" in self.text() or self.proc.poll() is not None, timeout)
+        assert self.proc.poll() is None, self.text()
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(worker_settings: Any, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def spawn(**extra_env: Any) -> WorkerProcess:
+        worker = WorkerProcess(
+            worker_settings, tmp_path / f"worker-{len(started)}.log", **extra_env
+        )
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield spawn
+    for worker in started:
+        worker.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def current_settings() -> Any:
+    return get_settings()
+
+
+def fetch_one(session: Session, sql: str, **params: Any) -> Any:
+    session.rollback()
+    return session.execute(sa.text(sql), params).first()

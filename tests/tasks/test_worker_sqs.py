@@ -1,0 +1,293 @@
+"""End to end: enqueue through the API's entry point, real Celery workers on SQS (moto's
+server mode), real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlmodel import Session, select
+
+from flowbuilder.platform import sqs
+from flowbuilder.platform.crud import balance_crud, log_crud, phase_crud
+from flowbuilder.platform.errors import InsufficientCredits, RateLimited, ValidationFailed
+from flowbuilder.platform.models import (
+    BalanceTransaction,
+    ExecutionStatus,
+    LedgerKind,
+    PhaseStatus,
+    WorkflowExecution,
+)
+from flowbuilder.platform.settings import override_settings
+from flowbuilder.tasks import cancel_execution, enqueue_execution, sweep_stale_executions
+from flowbuilder.tasks.app import EXECUTIONS_QUEUE, queue_name
+from tests.factories import json_definition, make_user, make_workflow
+from tests.tasks.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _delays(*seconds: float) -> dict[str, Any]:
+    """Independent delay nodes: one phase, run one after the other in plan order."""
+    nodes = [
+        {"id": f"d{i}", "type": "delay", "inputs": {"seconds": s}} for i, s in enumerate(seconds)
+    ]
+    return {"version": 1, "nodes": nodes, "edges": []}
+
+
+def _enqueue(session: Session, definition: dict[str, Any], credits: int = 50, **kw: Any):
+    user = make_user(session, credits=credits)
+    wf = make_workflow(session, user, definition=definition, publish=True)
+    session.commit()
+    ex = enqueue_execution(session, wf.id, user.id, **kw)
+    session.commit()
+    return user, wf, ex
+
+
+def _status(session: Session, execution_id: uuid.UUID) -> WorkflowExecution:
+    session.rollback()
+    session.expire_all()
+    return session.get(WorkflowExecution, execution_id)
+
+
+def _wait_done(session: Session, execution_id: uuid.UUID, timeout: float = 40) -> WorkflowExecution:
+    return wait_for(
+        lambda: (ex := _status(session, execution_id)).status.is_terminal and ex, timeout
+    )
+
+
+def _debits(session: Session, user_id: uuid.UUID) -> list[BalanceTransaction]:
+    session.rollback()
+    return list(
+        session.exec(
+            select(BalanceTransaction).where(
+                BalanceTransaction.user_id == user_id, BalanceTransaction.kind == LedgerKind.DEBIT
+            )
+        )
+    )
+
+
+def _queue_url(settings: Any) -> str:
+    return sqs.get_sqs_client().get_queue_url(QueueName=queue_name(settings, EXECUTIONS_QUEUE))[
+        "QueueUrl"
+    ]
+
+
+def test_ensure_queues_sets_visibility_and_redrive(worker_settings: Any) -> None:
+    attrs = sqs.queue_attributes(_queue_url(worker_settings))
+    assert attrs["VisibilityTimeout"] == str(worker_settings.SQS_VISIBILITY_TIMEOUT)
+    assert '"maxReceiveCount"' in attrs["RedrivePolicy"]
+    assert "-dlq" in attrs["RedrivePolicy"]
+
+
+def test_message_carries_ids_only(worker_settings: Any, pg_session: Session) -> None:
+    """No worker running: read the raw SQS message and check what it holds."""
+    user, wf, ex = _enqueue(pg_session, json_definition(2), correlation_id="corr-raw")
+    url = _queue_url(worker_settings)
+    messages = wait_for(lambda: sqs.receive_messages(url, max_number=10, wait_time=1), 10)
+    raw = " ".join(m["Body"] for m in messages)
+    import base64
+
+    decoded = " ".join(base64.b64decode(m["Body"]).decode() for m in messages)
+    assert str(ex.id) in decoded
+    for leak in ("add_property_to_json", "step0", str(user.id), "definition"):
+        assert leak not in decoded and leak not in raw
+    for m in messages:
+        sqs.delete_message(url, m["ReceiptHandle"])
+
+
+def test_end_to_end_multi_phase(celery_worker: Any, pg_session: Session) -> None:
+    user, wf, ex = _enqueue(pg_session, json_definition(3), credits=10)
+    done = _wait_done(pg_session, ex.id)
+    assert done.status == ExecutionStatus.COMPLETED, done.error
+    phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 3
+    assert phases[-1].outputs["json"]["step2"] == 2
+    assert done.credits_consumed == 3
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 7
+    assert len(_debits(pg_session, user.id)) == 3
+    assert done.workflow_version_id is not None
+
+
+def test_duplicate_delivery_of_one_message(
+    spawn_worker: Any, worker_settings: Any, pg_session: Session
+) -> None:
+    """The very same SQS message body delivered twice, to two competing workers."""
+    user, _, ex = _enqueue(pg_session, _delays(0.5, 0.5, 0.5), credits=10)
+    url = _queue_url(worker_settings)
+    message = wait_for(lambda: sqs.receive_messages(url, max_number=1, wait_time=1), 10)[0]
+    sqs.delete_message(url, message["ReceiptHandle"])
+    sqs.send_message(url, message["Body"])
+    sqs.send_message(url, message["Body"])
+    workers = [spawn_worker(), spawn_worker()]
+    done = _wait_done(pg_session, ex.id)
+    assert done.status == ExecutionStatus.COMPLETED, done.error
+    phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
+    assert [p.attempts for p in phases] == [1, 1, 1]
+    assert len(_debits(pg_session, user.id)) == 3
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 7
+
+    # Both deliveries were consumed: one ran it, the other found it held or done.
+    def both_seen() -> bool:
+        events = [line.get("event") for w in workers for line in w.lines()]
+        runs = events.count("execution_finished")
+        skips = events.count("execution_skipped")
+        return runs == 1 and skips >= 1
+
+    wait_for(both_seen, 30)
+
+
+def test_worker_killed_mid_run_is_resumed_without_double_debit(
+    spawn_worker: Any, worker_settings: Any, pg_session: Session
+) -> None:
+    user, _, ex = _enqueue(pg_session, _delays(0.2, 3.0, 0.2), credits=10)
+    first = spawn_worker()
+
+    def second_phase_running() -> bool:
+        pg_session.rollback()
+        phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
+        return phases[1].status == PhaseStatus.RUNNING
+
+    wait_for(second_phase_running, 30, interval=0.05)
+    first.kill()  # SIGKILL: no cleanup, no ack, the lease is left to lapse
+    assert _status(pg_session, ex.id).status == ExecutionStatus.RUNNING
+    killed_at = time.monotonic()
+    second = spawn_worker()
+    done = _wait_done(pg_session, ex.id, timeout=60)
+    assert done.status == ExecutionStatus.COMPLETED, done.error
+    # Redelivered by SQS after the visibility timeout, not before.
+    assert time.monotonic() - killed_at > 2
+    phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 3
+    # The completed phase was not re-run; the interrupted one was run again.
+    assert [p.attempts for p in phases] == [1, 2, 1]
+    assert len(_debits(pg_session, user.id)) == 3
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 7
+    assert balance_crud.ledger_total(session=pg_session, user_id=user.id) == 7
+    assert any(line.get("event") == "execution_finished" for line in second.lines())
+
+
+def test_logs_carry_ids_and_correlation_id(spawn_worker: Any, pg_session: Session) -> None:
+    worker = spawn_worker()
+    user, wf, ex = _enqueue(pg_session, json_definition(2), correlation_id="corr-123")
+    _wait_done(pg_session, ex.id)
+    finished = wait_for(
+        lambda: [x for x in worker.lines() if x.get("event") == "execution_finished"], 10
+    )[0]
+    assert finished["execution_id"] == str(ex.id)
+    assert finished["workflow_id"] == str(wf.id)
+    assert finished["user_id"] == str(user.id)
+    assert finished["correlation_id"] == "corr-123"
+    assert finished["outcome"] == "completed"
+
+
+def test_cancel_running_execution(celery_worker: Any, pg_session: Session) -> None:
+    user, _, ex = _enqueue(pg_session, _delays(1.0, 1.0, 1.0), credits=10)
+    wait_for(lambda: _status(pg_session, ex.id).status == ExecutionStatus.RUNNING, 20, 0.05)
+    cancel_execution(pg_session, ex.id, user.id)
+    pg_session.commit()
+    done = _wait_done(pg_session, ex.id)
+    assert done.status == ExecutionStatus.CANCELLED
+    phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
+    assert phases[-1].status == PhaseStatus.CANCELLED
+    charged = sum(p.credits_charged for p in phases)
+    assert (
+        charged < 3
+        and balance_crud.get_balance(session=pg_session, user_id=user.id) == 10 - charged
+    )
+
+
+def test_execution_timeout_ends_failed(celery_worker: Any, pg_session: Session) -> None:
+    user, _, ex = _enqueue(pg_session, _delays(2.5, 2.5, 2.5), credits=10)
+    done = _wait_done(pg_session, ex.id)
+    assert done.status == ExecutionStatus.FAILED
+    assert "timed out" in done.error
+
+
+def test_insufficient_credits_refused_at_enqueue(worker_settings: Any, pg_session: Session) -> None:
+    user = make_user(pg_session, credits=1)
+    wf = make_workflow(pg_session, user, definition=json_definition(3), publish=True)
+    pg_session.commit()
+    with pytest.raises(InsufficientCredits):
+        enqueue_execution(pg_session, wf.id, user.id)
+    pg_session.rollback()
+    assert pg_session.exec(select(WorkflowExecution)).all() == []
+
+
+def test_bad_definition_refused_at_enqueue(worker_settings: Any, pg_session: Session) -> None:
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
+    pg_session.commit()
+    from sqlalchemy import text
+
+    pg_session.execute(
+        text('update workflow_version set definition = \'{"version": 1, "nodes": []}\'')
+    )
+    pg_session.commit()
+    with pytest.raises(ValidationFailed):
+        enqueue_execution(pg_session, wf.id, user.id)
+    pg_session.rollback()
+    assert pg_session.exec(select(WorkflowExecution)).all() == []
+
+
+def test_rate_limited_enqueue_sends_nothing(worker_settings: Any, pg_session: Session) -> None:
+    with override_settings(RATE_LIMIT_USER=2):
+        user = make_user(pg_session, credits=100)
+        wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+        pg_session.commit()
+        for _ in range(2):
+            enqueue_execution(pg_session, wf.id, user.id)
+            pg_session.commit()
+        with pytest.raises(RateLimited):
+            enqueue_execution(pg_session, wf.id, user.id)
+        pg_session.rollback()
+    assert len(pg_session.exec(select(WorkflowExecution)).all()) == 2
+
+
+def test_send_failure_after_commit_is_recovered_by_the_sweep(
+    celery_worker: Any, worker_settings: Any, pg_session: Session
+) -> None:
+    from flowbuilder.tasks import execution as tasks_execution
+
+    original = tasks_execution.send_execution
+    calls: list[Any] = []
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        raise ConnectionError("broker unreachable")
+
+    tasks_execution.send_execution = broken
+    try:
+        user, _, ex = _enqueue(pg_session, json_definition(1), credits=10)
+    finally:
+        tasks_execution.send_execution = original
+    assert calls, "the send was attempted after commit"
+    time.sleep(2.5)
+    assert _status(pg_session, ex.id).status == ExecutionStatus.PENDING
+    assert sweep_stale_executions.apply().get() == 1
+    done = _wait_done(pg_session, ex.id)
+    assert done.status == ExecutionStatus.COMPLETED
+
+
+def test_concurrent_executions_never_overdraw(spawn_worker: Any, pg_session: Session) -> None:
+    user = make_user(pg_session, credits=7)
+    wf = make_workflow(pg_session, user, definition=json_definition(3), publish=True)
+    pg_session.commit()
+    ids = []
+    for _ in range(3):  # each needs 3; 7 credits cover two runs and a third of one
+        ids.append(enqueue_execution(pg_session, wf.id, user.id).id)
+        pg_session.commit()
+    spawn_worker()
+    spawn_worker()
+    finished = [_wait_done(pg_session, i, timeout=60) for i in ids]
+    statuses = sorted(e.status.value for e in finished)
+    assert statuses == ["completed", "completed", "failed"]
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 0
+    assert len(_debits(pg_session, user.id)) == 7
+    assert sum(e.credits_consumed for e in finished) == 7
+    failed = next(e for e in finished if e.status == ExecutionStatus.FAILED)
+    assert "insufficient credits" in failed.error
+    logs = log_crud.list_logs(session=pg_session, execution_id=failed.id, user_id=user.id)
+    assert isinstance(logs, list)
