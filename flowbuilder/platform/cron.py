@@ -27,7 +27,8 @@ def validate_cron_expression(expression: str) -> bool:
     if not isinstance(expression, str) or len(expression.split()) != 5:
         return False
     try:
-        croniter(expression)
+        # get_next: an expression that never fires ("0 0 31 2 *") is invalid too.
+        croniter(expression, datetime(2026, 1, 1, tzinfo=UTC)).get_next(datetime)
     except (CroniterBadCronError, CroniterBadDateError, ValueError, KeyError):
         return False
     return True
@@ -53,5 +54,10 @@ def get_next_run_date(
     check_schedule(expression, timezone)
     zone = get_timezone(timezone)
     start = (after or datetime.now(UTC)).astimezone(zone)
-    nxt = croniter(expression, start).get_next(datetime)
+    try:
+        nxt = croniter(expression, start).get_next(datetime)
+    except CroniterBadDateError as exc:
+        raise ValidationFailed(
+            [f"cron: expression {expression!r} never fires"], what="schedule"
+        ) from exc
     return nxt.astimezone(UTC)

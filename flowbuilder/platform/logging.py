@@ -21,15 +21,35 @@ import structlog
 from flowbuilder.platform.settings import get_settings
 
 _SECRET_KEY = re.compile(
-    r"pass(word)?|secret|token|authorization|api[_-]?key|credential_value", re.I
+    r"(^|_|-)(pass(word)?|secret|token|authorization|api[_-]?key|cookie|credential_value)"
+    r"($|_|-)",
+    re.I,
 )
 REDACTED = "[redacted]"
 
 
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 5:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v, depth + 1) for v in value)
+    return value
+
+
 def _redact(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop values under secret-looking keys, also inside nested dicts (headers)."""
     for key in list(event_dict):
-        if key != "event" and _SECRET_KEY.search(key):
+        if key == "event":
+            continue
+        if _SECRET_KEY.search(key):
             event_dict[key] = REDACTED
+        elif isinstance(event_dict[key], dict | list | tuple):
+            event_dict[key] = _scrub(event_dict[key])
     return event_dict
 
 
