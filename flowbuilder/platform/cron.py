@@ -54,8 +54,18 @@ def get_next_run_date(
     check_schedule(expression, timezone)
     zone = get_timezone(timezone)
     start = (after or datetime.now(UTC)).astimezone(zone)
+    hour_field = expression.split()[1]
+    fixed_hours = not hour_field.startswith("*")
     try:
-        nxt = croniter(expression, start).get_next(datetime)
+        it = croniter(expression, start)
+        nxt = it.get_next(datetime)
+        # When clocks go back, a wall-clock time such as 02:30 happens twice. A schedule
+        # at fixed hours means "once at 02:30", so the repeated occurrence is skipped;
+        # "*/15 * * * *" keeps both, as they are distinct real times.
+        for _ in range(3):
+            if not (fixed_hours and nxt.astimezone(UTC).astimezone(zone).fold == 1):
+                break
+            nxt = it.get_next(datetime)
     except CroniterBadDateError as exc:
         raise ValidationFailed(
             [f"cron: expression {expression!r} never fires"], what="schedule"

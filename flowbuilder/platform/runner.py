@@ -462,7 +462,6 @@ def _run_phases(
                 )
                 _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
             return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
-        credential = None
         with unit_of_work(engine) as s:
             held, cancel = execution_crud.renew_lease(
                 session=s,
@@ -482,6 +481,21 @@ def _run_phases(
                 )
                 return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
             s.add(phase)
+            credential = None
+            if node.credential_id is not None:
+                try:
+                    credential = _load_credential(s, node.credential_id, state.user_id)
+                except NotFound:
+                    # Deleted after the run was enqueued: fail cleanly, charge nothing.
+                    error = f"credential {node.credential_id} is no longer available"
+                    phase_crud.update_phase(
+                        session=s, phase=phase, status=PhaseStatus.FAILED, error=error
+                    )
+                    message = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
+                    _finish(
+                        s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED
+                    )
+                    return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
             try:
                 if phase.credits_cost > 0:
                     balance_crud.debit_credits(
@@ -508,8 +522,6 @@ def _run_phases(
                 inputs=inputs,
                 credits_charged=phase.credits_cost,
             )
-            if node.credential_id is not None:
-                credential = _load_credential(s, node.credential_id, state.user_id)
         if on_phase_started is not None:
             on_phase_started(phase)
 
@@ -605,16 +617,15 @@ def _end(engine: Engine, state: _RunState, status: ExecutionStatus, error: str |
 
 
 def _load_credential(s: Session, credential_id: Any, user_id: uuid.UUID) -> Any:
-    """Decrypt the node's credential for this one call (scoped to the run's user)."""
+    """Decrypt the node's credential for this one call (scoped to the run's user).
+
+    NotFound when it was deleted (or its secret was) since the run was enqueued."""
     from flowbuilder.platform.crud import credentials_crud
     from flowbuilder.platform.nodes.base import NodeCredential
 
-    try:
-        cred, secret = credentials_crud.resolve_credential_value(
-            session=s, credential_id=uuid.UUID(str(credential_id)), user_id=user_id
-        )
-    except NotFound:
-        return None
+    cred, secret = credentials_crud.resolve_credential_value(
+        session=s, credential_id=uuid.UUID(str(credential_id)), user_id=user_id
+    )
     return NodeCredential(type=cred.type, secret=secret, name=cred.name)
 
 

@@ -153,3 +153,16 @@ def test_expression_that_never_fires_is_a_validation_failure() -> None:
     with pytest.raises(ValidationFailed, match="0 0 31 2"):
         get_next_run_date("0 0 31 2 *", after=_at(2026, 1, 1))
     assert not validate_cron_expression("0 0 31 2 *")
+
+
+def test_fixed_time_runs_once_when_clocks_go_back() -> None:
+    """02:30 happens twice in Paris on 2026-10-25; a daily 02:30 job runs once."""
+    first = get_next_run_date("30 2 * * *", timezone="Europe/Paris", after=_at(2026, 10, 25))
+    assert first == _at(2026, 10, 25, 0, 30)
+    second = get_next_run_date("30 2 * * *", timezone="Europe/Paris", after=first)
+    assert second == _at(2026, 10, 26, 1, 30)
+    # A schedule over every hour keeps both real instants.
+    quarter = get_next_run_date(
+        "30 * * * *", timezone="Europe/Paris", after=_at(2026, 10, 25, 0, 30)
+    )
+    assert quarter == _at(2026, 10, 25, 1, 30)

@@ -506,3 +506,36 @@ def test_constant_database_cost_per_phase(engine, session: Session) -> None:
     assert costs[(6, 40)][0] == costs[(6, 1)][0], "log lines must be inserted in one batch"
     commits_per_phase = (costs[(6, 1)][1] - costs[(4, 1)][1]) / 2
     assert commits_per_phase == 2, costs
+
+
+def test_credential_deleted_after_enqueue_fails_cleanly(engine, session: Session) -> None:
+    from flowbuilder.platform.crud import credentials_crud
+
+    user = make_user(session, credits=10)
+    cred = credentials_crud.create_credential(
+        session=session, user_id=user.id, name="api", type="bearer_token", secret_value="tok-123456"
+    )
+    definition = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "call",
+                "type": "http_request",
+                "inputs": {"url": "http://example.invalid/x"},
+                "credential_id": str(cred.id),
+            }
+        ],
+        "edges": [],
+    }
+    wf = make_workflow(session, user, definition=definition, publish=True)
+    session.commit()
+    ex = runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    credentials_crud.delete_credential(session=session, credential_id=cred.id, user_id=user.id)
+    session.commit()
+    result = runner.run_execution(ex.id)
+    assert result.outcome == runner.Outcome.FAILED
+    ex = _reload(session, ex)
+    assert ex.status == ExecutionStatus.FAILED and "no longer available" in ex.error
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 10
+    assert "tok-123456" not in ex.error
