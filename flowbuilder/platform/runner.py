@@ -40,6 +40,7 @@ time is not the workflow's own time.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import threading
 import time
@@ -268,9 +269,14 @@ class _Heartbeat(threading.Thread):
         self.stop_event.set()
 
 
+# Nodes of one phase that run at the same time (per worker process).
+NODE_CONCURRENCY = 8
 # One pool for node calls: a node gets a thread so its timeout can be enforced from
-# outside even when the node itself ignores its deadline.
-_node_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="node")
+# outside even when the node itself ignores its deadline. Larger than NODE_CONCURRENCY so
+# that a few timed-out nodes still running in the background do not starve new ones.
+_node_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=NODE_CONCURRENCY * 2, thread_name_prefix="node"
+)
 
 
 @dataclass
@@ -437,31 +443,31 @@ def _run_phases(
     heartbeat: _Heartbeat,
     on_phase_started: Callable[[ExecutionPhase], None] | None,
 ) -> RunResult:
-    from flowbuilder.platform.nodes import get_node_type
+    """Run the plan's phases in order; the nodes of one phase run concurrently.
 
+    Each phase costs two transactions, whatever the number of nodes in it: one to start
+    every node (lease check, credential, debit, status) and one to record every result
+    (lease check, logs, outputs, status).
+    """
     settings = get_settings()
     planned = {node.node_id: node for node in state.plan.nodes}
-    for phase in state.phases:
-        if phase.status != PhaseStatus.CREATED and phase.status != PhaseStatus.RUNNING:
+    for _number, members in itertools.groupby(state.phases, key=lambda p: p.number):
+        group = [p for p in members if p.status in (PhaseStatus.CREATED, PhaseStatus.RUNNING)]
+        if not group:
             continue
-        node = planned[phase.node_id]
-        node_type = get_node_type(phase.node_type)
-        remaining = state.deadline - time.monotonic()
-        if remaining <= 0:
+        if state.deadline - time.monotonic() <= 0:
             return _end(engine, state, ExecutionStatus.FAILED, _timeout_message(settings))
 
-        # --- phase start: lease check, inputs, debit; one commit ---------------------
-        try:
-            inputs = state.plan.resolve_inputs(phase.node_id, state.outputs_by_node)
-        except FlowBuilderError as exc:  # a required input that upstream did not produce
-            message = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
-            with unit_of_work(engine) as s:
-                s.add(phase)
-                phase_crud.update_phase(
-                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
-                )
-                _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
-            return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
+        inputs: dict[uuid.UUID, dict[str, Any]] = {}
+        for phase in group:
+            try:
+                inputs[phase.id] = state.plan.resolve_inputs(phase.node_id, state.outputs_by_node)
+            except FlowBuilderError as exc:  # a required input that upstream did not produce
+                return _fail_unstarted(engine, state, phase, str(exc))
+
+        # --- phase start: lease check, credentials, debits; one commit ------------------
+        started: list[tuple[ExecutionPhase, Any, Any]] = []
+        refusal: str | None = None
         with unit_of_work(engine) as s:
             held, cancel = execution_crud.renew_lease(
                 session=s,
@@ -480,56 +486,25 @@ def _run_phases(
                     PhaseStatus.CANCELLED,
                 )
                 return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
-            s.add(phase)
-            credential = None
-            if node.credential_id is not None:
-                try:
-                    credential = _load_credential(s, node.credential_id, state.user_id)
-                except NotFound:
-                    # Deleted after the run was enqueued: fail cleanly, charge nothing.
-                    error = f"credential {node.credential_id} is no longer available"
-                    phase_crud.update_phase(
-                        session=s, phase=phase, status=PhaseStatus.FAILED, error=error
-                    )
-                    message = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
-                    _finish(
-                        s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED
-                    )
-                    return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
-            try:
-                if phase.credits_cost > 0:
-                    balance_crud.debit_credits(
-                        session=s,
-                        user_id=state.user_id,
-                        amount=phase.credits_cost,
-                        idempotency_key=f"phase:{phase.id}",
-                        execution_id=state.execution_id,
-                        phase_id=phase.id,
-                        reason=f"{phase.node_type} {phase.node_id}",
-                    )
-            except InsufficientCredits as exc:
-                phase_crud.update_phase(
-                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
-                )
-                _finish(
-                    s, state.execution_id, ExecutionStatus.FAILED, str(exc), PhaseStatus.SKIPPED
-                )
-                return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=str(exc))
-            phase_crud.update_phase(
-                session=s,
-                phase=phase,
-                status=PhaseStatus.RUNNING,
-                inputs=inputs,
-                credits_charged=phase.credits_cost,
-            )
+            for phase in group:
+                s.add(phase)
+                node = planned[phase.node_id]
+                refusal = _start_phase(s, state, phase, node, inputs[phase.id], started)
+                if refusal is not None:
+                    # The rest of this phase does not start; what started still runs.
+                    break
+            if refusal is not None and not started:
+                _finish(s, state.execution_id, ExecutionStatus.FAILED, refusal, PhaseStatus.SKIPPED)
+                return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=refusal)
         if on_phase_started is not None:
-            on_phase_started(phase)
+            for phase, _node, _credential in started:
+                on_phase_started(phase)
 
-        # --- the node itself: no database -------------------------------------------
-        outcome = _invoke(node_type, node, phase, inputs, credential, state, heartbeat)
-        state.phases_run += 1
+        # --- the nodes themselves, concurrently: no database --------------------------
+        outcomes = _invoke_all(started, inputs, state, heartbeat)
+        state.phases_run += len(started)
 
-        # --- phase end: lease check, outputs, logs; one commit ---------------------
+        # --- phase end: lease check, logs, outputs; one commit ------------------------
         with unit_of_work(engine) as s:
             held, _cancel = execution_crud.renew_lease(
                 session=s,
@@ -539,41 +514,33 @@ def _run_phases(
             )
             if not held:
                 return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-            s.add(phase)
-            state.next_seq = log_crud.append_logs(
-                session=s,
-                execution_id=state.execution_id,
-                phase_id=phase.id,
-                entries=outcome.logs,
-                first_seq=state.next_seq,
-            )
-            if outcome.error is None:
-                outputs = _cap_outputs(outcome.outputs, settings.PHASE_OUTPUT_MAX_BYTES)
-                phase_crud.update_phase(
-                    session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
-                )
-                state.outputs_by_node[phase.node_id] = outputs
-                continue
-            status = PhaseStatus.CANCELLED if outcome.cancelled else PhaseStatus.FAILED
-            refunded = settings.REFUND_FAILED_PHASES and phase.credits_charged > 0
-            if refunded:
-                balance_crud.refund_credits(
+            failure: str | None = None
+            cancelled = False
+            for (phase, _node, _credential), outcome in zip(started, outcomes, strict=True):
+                s.add(phase)
+                state.next_seq = log_crud.append_logs(
                     session=s,
-                    user_id=state.user_id,
-                    amount=phase.credits_charged,
-                    idempotency_key=f"refund:{phase.id}",
                     execution_id=state.execution_id,
                     phase_id=phase.id,
-                    reason=f"{status.value} phase {phase.node_id}",
+                    entries=outcome.logs,
+                    first_seq=state.next_seq,
                 )
-            phase_crud.update_phase(
-                session=s,
-                phase=phase,
-                status=status,
-                error=outcome.error,
-                credits_charged=0 if refunded else None,
-            )
-            if outcome.cancelled:
+                if outcome.error is None:
+                    outputs = _cap_outputs(outcome.outputs, settings.PHASE_OUTPUT_MAX_BYTES)
+                    phase_crud.update_phase(
+                        session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
+                    )
+                    state.outputs_by_node[phase.node_id] = outputs
+                    continue
+                _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
+                cancelled = cancelled or outcome.cancelled
+                if failure is None and not outcome.cancelled:
+                    failure = (
+                        _timeout_message(settings)
+                        if outcome.execution_timeout
+                        else f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
+                    )
+            if cancelled and failure is None and refusal is None:
                 _finish(
                     s,
                     state.execution_id,
@@ -582,12 +549,120 @@ def _run_phases(
                     PhaseStatus.CANCELLED,
                 )
                 return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
-            message = f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
-            if outcome.execution_timeout:
-                message = _timeout_message(settings)
-            _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
-            return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
+            error = refusal or failure
+            if error is not None:
+                _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
+                return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
     return _end(engine, state, ExecutionStatus.COMPLETED, None)
+
+
+def _start_phase(
+    s: Session,
+    state: _RunState,
+    phase: ExecutionPhase,
+    node: Any,
+    inputs: dict[str, Any],
+    started: list[tuple[ExecutionPhase, Any, Any]],
+) -> str | None:
+    """Load the credential, debit, mark running. Returns why it could not start, or None."""
+    credential = None
+    try:
+        if node.credential_id is not None:
+            try:
+                credential = _load_credential(s, node.credential_id, state.user_id)
+            except NotFound:
+                # Deleted after the run was enqueued: fail cleanly, charge nothing.
+                raise _Refused(f"credential {node.credential_id} is no longer available") from None
+        if phase.credits_cost > 0:
+            try:
+                balance_crud.debit_credits(
+                    session=s,
+                    user_id=state.user_id,
+                    amount=phase.credits_cost,
+                    idempotency_key=f"phase:{phase.id}",
+                    execution_id=state.execution_id,
+                    phase_id=phase.id,
+                    reason=f"{phase.node_type} {phase.node_id}",
+                )
+            except InsufficientCredits as exc:
+                raise _Refused(str(exc)) from None
+    except _Refused as refused:
+        phase_crud.update_phase(
+            session=s, phase=phase, status=PhaseStatus.FAILED, error=str(refused)
+        )
+        if "insufficient credits" in str(refused):
+            return str(refused)
+        return f"phase {phase.node_id} ({phase.node_type}) failed: {refused}"
+    phase_crud.update_phase(
+        session=s,
+        phase=phase,
+        status=PhaseStatus.RUNNING,
+        inputs=inputs,
+        credits_charged=phase.credits_cost,
+    )
+    started.append((phase, node, credential))
+    return None
+
+
+class _Refused(Exception):
+    """A phase that cannot start (no credential, no credits)."""
+
+
+def _record_failure(
+    s: Session, state: _RunState, phase: ExecutionPhase, outcome: _NodeOutcome, refund: bool
+) -> None:
+    status = PhaseStatus.CANCELLED if outcome.cancelled else PhaseStatus.FAILED
+    refunded = refund and phase.credits_charged > 0
+    if refunded:
+        balance_crud.refund_credits(
+            session=s,
+            user_id=state.user_id,
+            amount=phase.credits_charged,
+            idempotency_key=f"refund:{phase.id}",
+            execution_id=state.execution_id,
+            phase_id=phase.id,
+            reason=f"{status.value} phase {phase.node_id}",
+        )
+    phase_crud.update_phase(
+        session=s,
+        phase=phase,
+        status=status,
+        error=outcome.error,
+        credits_charged=0 if refunded else None,
+    )
+
+
+def _fail_unstarted(
+    engine: Engine, state: _RunState, phase: ExecutionPhase, error: str
+) -> RunResult:
+    message = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
+    with unit_of_work(engine) as s:
+        s.add(phase)
+        phase_crud.update_phase(session=s, phase=phase, status=PhaseStatus.FAILED, error=error)
+        _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
+    return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
+
+
+# Coordinates the nodes of one phase; each node itself runs on _node_pool.
+_phase_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=NODE_CONCURRENCY, thread_name_prefix="phase"
+)
+
+
+def _invoke_all(
+    started: list[tuple[ExecutionPhase, Any, Any]],
+    inputs: dict[uuid.UUID, dict[str, Any]],
+    state: _RunState,
+    heartbeat: _Heartbeat,
+) -> list[_NodeOutcome]:
+    if len(started) == 1:  # the common case: no extra thread hop
+        phase, node, credential = started[0]
+        return [_invoke(node, phase, inputs[phase.id], credential, state, heartbeat)]
+    futures = [
+        _phase_pool.submit(_invoke, node, phase, inputs[phase.id], credential, state, heartbeat)
+        for phase, node, credential in started
+    ]
+    return [f.result() for f in futures]
 
 
 def _timeout_message(settings: Any) -> str:
@@ -639,7 +714,6 @@ class _NodeOutcome:
 
 
 def _invoke(
-    node_type: Any,
     node: Any,
     phase: ExecutionPhase,
     inputs: dict[str, Any],
@@ -648,8 +722,10 @@ def _invoke(
     heartbeat: _Heartbeat,
 ) -> _NodeOutcome:
     """Run one node with its timeout and its declared retries for transient errors."""
+    from flowbuilder.platform.nodes import get_node_type
     from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
 
+    node_type = get_node_type(phase.node_type)
     node_log = NodeLogger()
     timeout = float(node.timeout_seconds or node_type.timeout_seconds)
     attempts = 1 + (int(node_type.max_retries) if node_type.retryable else 0)

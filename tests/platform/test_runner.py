@@ -70,7 +70,7 @@ TEST_NODES = [
     NodeType(
         type="test_flaky",
         run=_flaky,
-        inputs={"failures": PortSpec("integer", required=True)},
+        inputs={"failures": PortSpec("integer", required=True), "after": PortSpec("any")},
         outputs={"attempts": PortSpec("integer")},
         credits=2,
         retryable=True,
@@ -81,18 +81,25 @@ TEST_NODES = [
     NodeType(
         type="test_stubborn",
         run=_stubborn,
-        inputs={"seconds": PortSpec("number", required=True)},
+        inputs={"seconds": PortSpec("number", required=True), "after": PortSpec("any")},
+        outputs={"done": PortSpec("any")},
         credits=1,
         timeout_seconds=0.3,
     ),
     NodeType(
         type="test_chatty",
         run=_chatty,
-        inputs={"lines": PortSpec("integer", required=True)},
+        inputs={"lines": PortSpec("integer", required=True), "after": PortSpec("any")},
         outputs={"n": PortSpec("integer")},
         credits=1,
     ),
-    NodeType(type="test_boom", run=_boom, credits=3),
+    NodeType(
+        type="test_boom",
+        run=_boom,
+        inputs={"after": PortSpec("any")},
+        outputs={"done": PortSpec("any")},
+        credits=3,
+    ),
 ]
 
 
@@ -109,14 +116,45 @@ def _single(node_type: str, **inputs: Any) -> dict[str, Any]:
     return {"version": 1, "nodes": [{"id": "a", "type": node_type, "inputs": inputs}], "edges": []}
 
 
+# Which handles chain one node to the next (data or just order).
+_OUT = {
+    "test_flaky": "attempts",
+    "test_stubborn": "done",
+    "test_chatty": "n",
+    "test_boom": "done",
+    "delay": "data",
+}
+_IN = {"delay": "data"}
+
+
 def _chain(*nodes: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """Nodes that run one after the other: each waits for the previous one's output."""
     return {
         "version": 1,
         "nodes": [
             {"id": f"s{i}", "type": node_type, "inputs": inputs}
             for i, (node_type, inputs) in enumerate(nodes)
         ],
-        # Order only (no data flows): each node waits for the previous one.
+        "edges": [
+            {
+                "source": f"s{i - 1}",
+                "sourceHandle": _OUT[nodes[i - 1][0]],
+                "target": f"s{i}",
+                "targetHandle": _IN.get(nodes[i][0], "after"),
+            }
+            for i in range(1, len(nodes))
+        ],
+    }
+
+
+def _parallel(*nodes: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """Independent nodes: one phase, run concurrently."""
+    return {
+        "version": 1,
+        "nodes": [
+            {"id": f"p{i}", "type": node_type, "inputs": inputs}
+            for i, (node_type, inputs) in enumerate(nodes)
+        ],
         "edges": [],
     }
 
@@ -539,3 +577,65 @@ def test_credential_deleted_after_enqueue_fails_cleanly(engine, session: Session
     assert ex.status == ExecutionStatus.FAILED and "no longer available" in ex.error
     assert balance_crud.get_balance(session=session, user_id=user.id) == 10
     assert "tok-123456" not in ex.error
+
+
+# ------------------------------------------------------------------- one phase, many nodes
+
+
+def test_nodes_of_one_phase_run_concurrently(engine, session: Session) -> None:
+    user, _, ex = _prepare(session, _parallel(*[("delay", {"seconds": 0.3})] * 4), credits=10)
+    stmts, commits = _count_statements(engine, lambda: runner.run_execution(ex.id))
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.number for p in phases] == [1, 1, 1, 1]
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 4
+    # Every node had started before any of them finished: they overlapped.
+    assert max(p.started_at for p in phases) < min(p.completed_at for p in phases)
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 6
+    # One phase: claim, start, end, finish — the same commits as a one-node phase.
+    _, _, single = _prepare(session, _parallel(("delay", {"seconds": 0.01})), credits=10)
+    _, single_commits = _count_statements(engine, lambda: runner.run_execution(single.id))
+    assert commits == single_commits
+
+
+def test_insufficient_credits_within_a_phase(engine, session: Session) -> None:
+    user, _, ex = _prepare(session, _parallel(*[("test_chatty", {"lines": 1})] * 4), credits=4)
+    balance_crud.debit_credits(session=session, user_id=user.id, amount=2, idempotency_key="y")
+    session.commit()
+    result = runner.run_execution(ex.id)
+    assert result.outcome == runner.Outcome.FAILED and "insufficient credits" in result.error
+    statuses = [
+        p.status
+        for p in phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    ]
+    # Two were paid for and ran; the third could not be paid; the fourth never started.
+    assert statuses == [
+        PhaseStatus.COMPLETED,
+        PhaseStatus.COMPLETED,
+        PhaseStatus.FAILED,
+        PhaseStatus.SKIPPED,
+    ]
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 0
+    assert _reload(session, ex).credits_consumed == 2
+
+
+def test_one_failing_node_fails_the_run_after_its_phase(engine, session: Session) -> None:
+    definition = _parallel(("test_chatty", {"lines": 2}), ("test_boom", {}))
+    definition["nodes"].append({"id": "after", "type": "test_chatty", "inputs": {"lines": 1}})
+    definition["edges"].append(
+        {"source": "p0", "sourceHandle": "n", "target": "after", "targetHandle": "after"}
+    )
+    user, _, ex = _prepare(session, definition, credits=10)
+    runner.run_execution(ex.id)
+    ex = _reload(session, ex)
+    assert ex.status == ExecutionStatus.FAILED and "p1 (test_boom) failed" in ex.error
+    by_node = {
+        p.node_id: p.status
+        for p in phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    }
+    assert by_node == {
+        "p0": PhaseStatus.COMPLETED,
+        "p1": PhaseStatus.FAILED,
+        "after": PhaseStatus.SKIPPED,
+    }
+    # p0 paid 1; p1's 3 were refunded; "after" never ran.
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 9

@@ -30,11 +30,15 @@ pytestmark = pytest.mark.integration
 
 
 def _delays(*seconds: float) -> dict[str, Any]:
-    """Independent delay nodes: one phase, run one after the other in plan order."""
+    """Delay nodes chained through their data passthrough: one phase each, in order."""
     nodes = [
         {"id": f"d{i}", "type": "delay", "inputs": {"seconds": s}} for i, s in enumerate(seconds)
     ]
-    return {"version": 1, "nodes": nodes, "edges": []}
+    edges = [
+        {"source": f"d{i - 1}", "sourceHandle": "data", "target": f"d{i}", "targetHandle": "data"}
+        for i in range(1, len(seconds))
+    ]
+    return {"version": 1, "nodes": nodes, "edges": edges}
 
 
 def _enqueue(session: Session, definition: dict[str, Any], credits: int = 50, **kw: Any):

@@ -275,12 +275,16 @@ _SLICE_SECONDS = 0.1
 
 
 class DelayNode(NodeType):
-    """Wait. Costs 1 credit: it holds a worker slot for its whole duration."""
+    """Wait, then pass ``data`` on unchanged. Costs 1 credit: it holds a worker slot for
+    its whole duration."""
 
     type = "delay"
-    description = "Wait some seconds (at most MAX_DELAY_SECONDS)."
-    inputs = {"seconds": PortSpec("number", required=True)}
-    outputs = {"slept_seconds": PortSpec("number")}
+    description = "Wait some seconds (at most MAX_DELAY_SECONDS), then pass data on."
+    inputs = {
+        "seconds": PortSpec("number", required=True),
+        "data": PortSpec("any", description="passed through to the data output"),
+    }
+    outputs = {"slept_seconds": PortSpec("number"), "data": PortSpec("any")}
     credits = 1
     credential = "none"
 
@@ -322,7 +326,7 @@ class DelayNode(NodeType):
                 # Reaching the deadline is a timeout, not a shorter delay that succeeded.
                 raise NodeTimeout(f"delay of {seconds:g}s ran past the node's deadline")
             time.sleep(min(_SLICE_SECONDS, end - now, ctx.deadline - now))
-        return {"slept_seconds": round(time.monotonic() - start, 3)}
+        return {"slept_seconds": round(time.monotonic() - start, 3), "data": inputs.get("data")}
 
 
 BUILTIN_TYPES: list[NodeType] = [
