@@ -469,23 +469,11 @@ def _run_phases(
         started: list[tuple[ExecutionPhase, Any, Any]] = []
         refusal: str | None = None
         with unit_of_work(engine) as s:
-            held, cancel = execution_crud.renew_lease(
-                session=s,
-                execution_id=state.execution_id,
-                owner=state.owner,
-                lease_seconds=state.lease,
-            )
+            held, cancel = _renew(s, state)
             if not held:
                 return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
             if cancel or heartbeat.cancelled.is_set():
-                _finish(
-                    s,
-                    state.execution_id,
-                    ExecutionStatus.CANCELLED,
-                    "cancelled by the user",
-                    PhaseStatus.CANCELLED,
-                )
-                return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
+                return _cancel_run(s, state)
             for phase in group:
                 s.add(phase)
                 node = planned[phase.node_id]
@@ -506,12 +494,7 @@ def _run_phases(
 
         # --- phase end: lease check, logs, outputs; one commit ------------------------
         with unit_of_work(engine) as s:
-            held, _cancel = execution_crud.renew_lease(
-                session=s,
-                execution_id=state.execution_id,
-                owner=state.owner,
-                lease_seconds=state.lease,
-            )
+            held, _cancel = _renew(s, state)
             if not held:
                 return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
             failure: str | None = None
@@ -541,19 +524,30 @@ def _run_phases(
                         else f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
                     )
             if cancelled and failure is None and refusal is None:
-                _finish(
-                    s,
-                    state.execution_id,
-                    ExecutionStatus.CANCELLED,
-                    "cancelled by the user",
-                    PhaseStatus.CANCELLED,
-                )
-                return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
+                return _cancel_run(s, state)
             error = refusal or failure
             if error is not None:
                 _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
                 return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
     return _end(engine, state, ExecutionStatus.COMPLETED, None)
+
+
+def _renew(s: Session, state: _RunState) -> tuple[bool, bool]:
+    """Fence a transaction: renew our lease; ``(still held, cancel requested)``."""
+    return execution_crud.renew_lease(
+        session=s, execution_id=state.execution_id, owner=state.owner, lease_seconds=state.lease
+    )
+
+
+def _cancel_run(s: Session, state: _RunState) -> RunResult:
+    _finish(
+        s,
+        state.execution_id,
+        ExecutionStatus.CANCELLED,
+        "cancelled by the user",
+        PhaseStatus.CANCELLED,
+    )
+    return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
 
 
 def _start_phase(
@@ -671,12 +665,7 @@ def _timeout_message(settings: Any) -> str:
 
 def _end(engine: Engine, state: _RunState, status: ExecutionStatus, error: str | None) -> RunResult:
     with unit_of_work(engine) as s:
-        held, _ = execution_crud.renew_lease(
-            session=s,
-            execution_id=state.execution_id,
-            owner=state.owner,
-            lease_seconds=state.lease,
-        )
+        held, _ = _renew(s, state)
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
         _finish(
