@@ -417,3 +417,14 @@ def test_unit_of_work_commits_or_rolls_back(settings, engine) -> None:
     with db.unit_of_work() as s:
         assert workflow_crud.list_workflows_for_user(session=s, user_id=user.id) == []
         assert s.get(ExecutionPhase, uuid.uuid4()) is None
+
+
+def test_create_test_engine_and_session_has_the_schema() -> None:
+    engine, session_factory = db.create_test_engine_and_session()
+    with session_factory() as s:
+        user = make_user(s, credits=2)
+        s.commit()
+        from flowbuilder.platform.crud import balance_crud
+
+        assert balance_crud.get_balance(session=s, user_id=user.id) == 2
+    engine.dispose()
