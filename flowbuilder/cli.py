@@ -180,9 +180,7 @@ def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run."
         workflow = workflow_crud.create_workflow(
             session=session,
             user_id=user.id,
-            data=WorkflowCreate(
-                name=f"demo-{uuid.uuid4().hex[:8]}", definition=DEMO_DEFINITION
-            ),
+            data=WorkflowCreate(name=f"demo-{uuid.uuid4().hex[:8]}", definition=DEMO_DEFINITION),
         )
         workflow_crud.publish_workflow(session=session, workflow_id=workflow.id, user_id=user.id)
     with unit_of_work() as session:
