@@ -445,91 +445,129 @@ def _run_phases(
 ) -> RunResult:
     """Run the plan's phases in order; the nodes of one phase run concurrently.
 
-    Each phase costs two transactions, whatever the number of nodes in it: one to start
-    every node (lease check, credential, debit, status) and one to record every result
-    (lease check, logs, outputs, status).
+    One transaction (one commit) per phase, whatever its number of nodes: it records the
+    previous phase's results (logs, outputs, statuses) and starts this one (credentials,
+    debits, statuses), fenced by one lease check. After the last phase, one more
+    transaction records its results and ends the execution. Every node's result is thus
+    committed before the next phase runs: the checkpoint a resumed run starts from.
     """
     settings = get_settings()
     planned = {node.node_id: node for node in state.plan.nodes}
-    for _number, members in itertools.groupby(state.phases, key=lambda p: p.number):
-        group = [p for p in members if p.status in (PhaseStatus.CREATED, PhaseStatus.RUNNING)]
-        if not group:
-            continue
-        if state.deadline - time.monotonic() <= 0:
-            return _end(engine, state, ExecutionStatus.FAILED, _timeout_message(settings))
-
-        inputs: dict[uuid.UUID, dict[str, Any]] = {}
-        for phase in group:
-            try:
-                inputs[phase.id] = state.plan.resolve_inputs(phase.node_id, state.outputs_by_node)
-            except FlowBuilderError as exc:  # a required input that upstream did not produce
-                return _fail_unstarted(engine, state, phase, str(exc))
-
-        # --- phase start: lease check, credentials, debits; one commit ------------------
-        started: list[tuple[ExecutionPhase, Any, Any]] = []
-        refusal: str | None = None
+    groups = [
+        pending
+        for _number, members in itertools.groupby(state.phases, key=lambda p: p.number)
+        if (pending := [p for p in members if p.status in _OPEN_PHASE])
+    ]
+    previous: _GroupRun | None = None
+    for group in [*groups, None]:
         with unit_of_work(engine) as s:
             held, cancel = _renew(s, state)
             if not held:
                 return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+            if previous is not None:
+                ended = _record_group(s, state, previous, settings)
+                if ended is not None:
+                    return ended
+            if group is None:
+                return _complete(s, state)
             if cancel or heartbeat.cancelled.is_set():
                 return _cancel_run(s, state)
+            if state.deadline - time.monotonic() <= 0:
+                return _fail_run(s, state, _timeout_message(settings))
+            current = _GroupRun()
             for phase in group:
                 s.add(phase)
-                node = planned[phase.node_id]
-                refusal = _start_phase(s, state, phase, node, inputs[phase.id], started)
-                if refusal is not None:
+                try:
+                    current.inputs[phase.id] = state.plan.resolve_inputs(
+                        phase.node_id, state.outputs_by_node
+                    )
+                except FlowBuilderError as exc:  # a required input upstream did not produce
+                    phase_crud.update_phase(
+                        session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+                    )
+                    current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+                    break
+                current.refusal = _start_phase(
+                    s,
+                    state,
+                    phase,
+                    planned[phase.node_id],
+                    current.inputs[phase.id],
+                    current.started,
+                )
+                if current.refusal is not None:
                     # The rest of this phase does not start; what started still runs.
                     break
-            if refusal is not None and not started:
-                _finish(s, state.execution_id, ExecutionStatus.FAILED, refusal, PhaseStatus.SKIPPED)
-                return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=refusal)
+            if current.refusal is not None and not current.started:
+                return _fail_run(s, state, current.refusal)
         if on_phase_started is not None:
-            for phase, _node, _credential in started:
+            for phase, _node, _credential in current.started:
                 on_phase_started(phase)
+        # The nodes themselves, concurrently, outside any transaction.
+        current.outcomes = _invoke_all(current.started, current.inputs, state, heartbeat)
+        state.phases_run += len(current.started)
+        previous = current
+    raise AssertionError("unreachable")  # the loop always returns
 
-        # --- the nodes themselves, concurrently: no database --------------------------
-        outcomes = _invoke_all(started, inputs, state, heartbeat)
-        state.phases_run += len(started)
 
-        # --- phase end: lease check, logs, outputs; one commit ------------------------
-        with unit_of_work(engine) as s:
-            held, _cancel = _renew(s, state)
-            if not held:
-                return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-            failure: str | None = None
-            cancelled = False
-            for (phase, _node, _credential), outcome in zip(started, outcomes, strict=True):
-                s.add(phase)
-                state.next_seq = log_crud.append_logs(
-                    session=s,
-                    execution_id=state.execution_id,
-                    phase_id=phase.id,
-                    entries=outcome.logs,
-                    first_seq=state.next_seq,
-                )
-                if outcome.error is None:
-                    outputs = _cap_outputs(outcome.outputs, settings.PHASE_OUTPUT_MAX_BYTES)
-                    phase_crud.update_phase(
-                        session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
-                    )
-                    state.outputs_by_node[phase.node_id] = outputs
-                    continue
-                _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
-                cancelled = cancelled or outcome.cancelled
-                if failure is None and not outcome.cancelled:
-                    failure = (
-                        _timeout_message(settings)
-                        if outcome.execution_timeout
-                        else f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
-                    )
-            if cancelled and failure is None and refusal is None:
-                return _cancel_run(s, state)
-            error = refusal or failure
-            if error is not None:
-                _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
-                return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
-    return _end(engine, state, ExecutionStatus.COMPLETED, None)
+_OPEN_PHASE = (PhaseStatus.CREATED, PhaseStatus.RUNNING)
+
+
+@dataclass
+class _GroupRun:
+    """One phase in flight: what started, with which inputs, and how each node ended."""
+
+    started: list[tuple[ExecutionPhase, Any, Any]] = field(default_factory=list)
+    inputs: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    outcomes: list[_NodeOutcome] = field(default_factory=list)
+    refusal: str | None = None
+
+
+def _record_group(s: Session, state: _RunState, run: _GroupRun, settings: Any) -> RunResult | None:
+    """Store a finished phase's logs and results. Returns the run's end if it ends here."""
+    failure: str | None = None
+    cancelled = False
+    for (phase, _node, _credential), outcome in zip(run.started, run.outcomes, strict=True):
+        s.add(phase)
+        state.next_seq = log_crud.append_logs(
+            session=s,
+            execution_id=state.execution_id,
+            phase_id=phase.id,
+            entries=outcome.logs,
+            first_seq=state.next_seq,
+        )
+        if outcome.error is None:
+            outputs = _cap_outputs(outcome.outputs, settings.PHASE_OUTPUT_MAX_BYTES)
+            phase_crud.update_phase(
+                session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
+            )
+            state.outputs_by_node[phase.node_id] = outputs
+            continue
+        _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
+        cancelled = cancelled or outcome.cancelled
+        if failure is None and not outcome.cancelled:
+            failure = (
+                _timeout_message(settings)
+                if outcome.execution_timeout
+                else f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
+            )
+    error = run.refusal or failure
+    if error is not None:
+        return _fail_run(s, state, error)
+    if cancelled:
+        return _cancel_run(s, state)
+    return None
+
+
+def _fail_run(s: Session, state: _RunState, error: str) -> RunResult:
+    _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
+    return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
+
+
+def _complete(s: Session, state: _RunState) -> RunResult:
+    _finish(s, state.execution_id, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
+    credits = s.get(WorkflowExecution, state.execution_id).credits_consumed
+    return RunResult(Outcome.COMPLETED, phases_run=state.phases_run, credits=credits)
 
 
 def _renew(s: Session, state: _RunState) -> tuple[bool, bool]:
@@ -626,17 +664,6 @@ def _record_failure(
     )
 
 
-def _fail_unstarted(
-    engine: Engine, state: _RunState, phase: ExecutionPhase, error: str
-) -> RunResult:
-    message = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
-    with unit_of_work(engine) as s:
-        s.add(phase)
-        phase_crud.update_phase(session=s, phase=phase, status=PhaseStatus.FAILED, error=error)
-        _finish(s, state.execution_id, ExecutionStatus.FAILED, message, PhaseStatus.SKIPPED)
-    return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=message)
-
-
 # Coordinates the nodes of one phase; each node itself runs on _node_pool.
 _phase_pool = concurrent.futures.ThreadPoolExecutor(
     max_workers=NODE_CONCURRENCY, thread_name_prefix="phase"
@@ -661,23 +688,6 @@ def _invoke_all(
 
 def _timeout_message(settings: Any) -> str:
     return f"execution timed out after {settings.EXECUTION_TIMEOUT_SECONDS:g}s"
-
-
-def _end(engine: Engine, state: _RunState, status: ExecutionStatus, error: str | None) -> RunResult:
-    with unit_of_work(engine) as s:
-        held, _ = _renew(s, state)
-        if not held:
-            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-        _finish(
-            s,
-            state.execution_id,
-            status,
-            error,
-            PhaseStatus.SKIPPED,
-        )
-        credits = s.get(WorkflowExecution, state.execution_id).credits_consumed
-    outcome = Outcome.COMPLETED if status == ExecutionStatus.COMPLETED else Outcome.FAILED
-    return RunResult(outcome, phases_run=state.phases_run, credits=credits, error=error)
 
 
 def _load_credential(s: Session, credential_id: Any, user_id: uuid.UUID) -> Any:

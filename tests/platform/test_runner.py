@@ -531,19 +531,20 @@ def _count_statements(engine, fn) -> tuple[int, int]:
 
 
 def test_constant_database_cost_per_phase(engine, session: Session) -> None:
-    """Statements and commits grow by a fixed amount per phase, whatever the log volume."""
+    """Statements grow by a fixed amount per phase and commits by one, whatever the log
+    volume: each node's result is committed before the next phase runs."""
     costs = {}
     for n, lines in ((2, 1), (4, 1), (6, 1), (6, 40)):
         _, _, ex = _prepare(session, _chain(*[("test_chatty", {"lines": lines})] * n), credits=50)
         costs[(n, lines)] = _count_statements(engine, lambda ex=ex: runner.run_execution(ex.id))
     per_phase = (costs[(4, 1)][0] - costs[(2, 1)][0]) / 2
     assert (costs[(6, 1)][0] - costs[(4, 1)][0]) / 2 == per_phase
-    # lease check, debit (2), phase update; lease check, log batch, phase update; plus an
-    # explicit BEGIN per transaction on SQLite.
-    assert per_phase <= (9 if engine.dialect.name == "sqlite" else 7), costs
+    # One transaction per phase: lease check, the previous node's log batch and result,
+    # this node's debit (2) and start; plus an explicit BEGIN on SQLite.
+    assert per_phase <= (7 if engine.dialect.name == "sqlite" else 6), costs
     assert costs[(6, 40)][0] == costs[(6, 1)][0], "log lines must be inserted in one batch"
     commits_per_phase = (costs[(6, 1)][1] - costs[(4, 1)][1]) / 2
-    assert commits_per_phase == 2, costs
+    assert commits_per_phase == 1, costs
 
 
 def test_credential_deleted_after_enqueue_fails_cleanly(engine, session: Session) -> None:
