@@ -295,3 +295,60 @@ def test_concurrent_executions_never_overdraw(spawn_worker: Any, pg_session: Ses
     assert "insufficient credits" in failed.error
     logs = log_crud.list_logs(session=pg_session, execution_id=failed.id, user_id=user.id)
     assert isinstance(logs, list)
+
+
+def test_api_async_session_enqueues_after_commit(celery_worker: Any, pg_session: Session) -> None:
+    """The API's path: an async session, the one sync implementation through run_sync, and
+    the task sent when the async unit of work commits (never before)."""
+    import asyncio
+
+    from flowbuilder.platform import db
+    from flowbuilder.tasks import execution as tasks_execution
+
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
+    pg_session.commit()
+    sent_while_open: list[bool] = []
+    original = tasks_execution.send_execution
+
+    async def scenario() -> uuid.UUID:
+        async with db.get_session() as session:
+            ex = await db.run_sync(session, enqueue_execution, workflow_id=wf.id, user_id=user.id)
+            sent_while_open.append(bool(session.sync_session.info.get("flowbuilder.pending_sends")))
+        await db.get_async_engine().dispose()
+        return ex.id
+
+    calls: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        original(*args, **kwargs)
+
+    tasks_execution.send_execution = recording
+    try:
+        execution_id = asyncio.run(scenario())
+    finally:
+        tasks_execution.send_execution = original
+    # Queued, not sent, while the transaction was open; sent once after the commit.
+    assert sent_while_open == [True] and [c[0] for c in calls] == [execution_id]
+    done = _wait_done(pg_session, execution_id)
+    assert done.status == ExecutionStatus.COMPLETED
+
+
+def test_rolled_back_enqueue_sends_nothing(worker_settings: Any, pg_session: Session) -> None:
+    from flowbuilder.tasks import execution as tasks_execution
+
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    calls: list[Any] = []
+    original = tasks_execution.send_execution
+    tasks_execution.send_execution = lambda *a, **k: calls.append(a)
+    try:
+        enqueue_execution(pg_session, wf.id, user.id)
+        pg_session.rollback()
+        pg_session.commit()  # a later commit must not send the rolled-back execution
+    finally:
+        tasks_execution.send_execution = original
+    assert calls == []
+    assert pg_session.exec(select(WorkflowExecution)).all() == []
