@@ -596,35 +596,32 @@ def _start_phase(
     inputs: dict[str, Any],
     started: list[tuple[ExecutionPhase, Any, Any]],
 ) -> str | None:
-    """Load the credential, debit, mark running. Returns why it could not start, or None."""
+    """Load the credential, debit, mark running. Returns why the run must stop, or None."""
     credential = None
-    try:
-        if node.credential_id is not None:
-            try:
-                credential = _load_credential(s, node.credential_id, state.user_id)
-            except NotFound:
-                # Deleted after the run was enqueued: fail cleanly, charge nothing.
-                raise _Refused(f"credential {node.credential_id} is no longer available") from None
-        if phase.credits_cost > 0:
-            try:
-                balance_crud.debit_credits(
-                    session=s,
-                    user_id=state.user_id,
-                    amount=phase.credits_cost,
-                    idempotency_key=f"phase:{phase.id}",
-                    execution_id=state.execution_id,
-                    phase_id=phase.id,
-                    reason=f"{phase.node_type} {phase.node_id}",
-                )
-            except InsufficientCredits as exc:
-                raise _Refused(str(exc)) from None
-    except _Refused as refused:
-        phase_crud.update_phase(
-            session=s, phase=phase, status=PhaseStatus.FAILED, error=str(refused)
-        )
-        if "insufficient credits" in str(refused):
-            return str(refused)
-        return f"phase {phase.node_id} ({phase.node_type}) failed: {refused}"
+    error = run_error = None
+    if node.credential_id is not None:
+        try:
+            credential = _load_credential(s, node.credential_id, state.user_id)
+        except NotFound:
+            # Deleted after the run was enqueued: fail cleanly, charge nothing.
+            error = f"credential {node.credential_id} is no longer available"
+            run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
+    if error is None and phase.credits_cost > 0:
+        try:
+            balance_crud.debit_credits(
+                session=s,
+                user_id=state.user_id,
+                amount=phase.credits_cost,
+                idempotency_key=f"phase:{phase.id}",
+                execution_id=state.execution_id,
+                phase_id=phase.id,
+                reason=f"{phase.node_type} {phase.node_id}",
+            )
+        except InsufficientCredits as exc:
+            error = run_error = str(exc)
+    if error is not None:
+        phase_crud.update_phase(session=s, phase=phase, status=PhaseStatus.FAILED, error=error)
+        return run_error
     phase_crud.update_phase(
         session=s,
         phase=phase,
@@ -634,10 +631,6 @@ def _start_phase(
     )
     started.append((phase, node, credential))
     return None
-
-
-class _Refused(Exception):
-    """A phase that cannot start (no credential, no credits)."""
 
 
 def _record_failure(

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
 from flowbuilder.platform import db
-from flowbuilder.platform.settings import get_settings, override_settings
+from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks.app import app, configure, ensure_execution_queues
 
 # Short clocks so crash-and-redelivery tests finish in seconds. The visibility timeout
@@ -177,8 +177,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
         time.sleep(interval)
 
 
-def current_settings() -> Any:
-    return get_settings()
+def execution_status(session: Session, execution_id: uuid.UUID) -> Any:
+    """A fresh read of an execution (ends the session's transaction first)."""
+    from flowbuilder.platform.models import WorkflowExecution
+
+    session.rollback()
+    session.expire_all()
+    return session.get(WorkflowExecution, execution_id)
+
+
+def wait_done(session: Session, execution_id: uuid.UUID, timeout: float = 40) -> Any:
+    """Wait until the execution is completed, failed or cancelled; return it."""
+    return wait_for(
+        lambda: (ex := execution_status(session, execution_id)).status.is_terminal and ex, timeout
+    )
 
 
 def fetch_one(session: Session, sql: str, **params: Any) -> Any:

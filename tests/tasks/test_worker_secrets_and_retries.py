@@ -41,7 +41,7 @@ from flowbuilder.tasks import enqueue_execution, execute_workflow
 from flowbuilder.tasks.app import EXECUTIONS_QUEUE, dead_letter_queue_name, queue_name
 from tests.factories import json_definition, make_user, make_workflow
 from tests.platform._http_server import LocalServer, local_server
-from tests.tasks.conftest import wait_for
+from tests.tasks.conftest import execution_status, wait_done, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +49,6 @@ ALLOW_LOCAL = {"OUTBOUND_ALLOWLIST": ["127.0.0.1"]}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _status(session: Session, execution_id: uuid.UUID) -> WorkflowExecution:
-    session.rollback()
-    session.expire_all()
-    return session.get(WorkflowExecution, execution_id)
-
-
-def _wait_done(session: Session, execution_id: uuid.UUID, timeout: float = 40) -> WorkflowExecution:
-    return wait_for(
-        lambda: (ex := _status(session, execution_id)).status.is_terminal and ex, timeout
-    )
 
 
 def _debits(session: Session, execution_id: uuid.UUID) -> list[BalanceTransaction]:
@@ -198,7 +186,7 @@ def secret_run(
             ex = enqueue_execution(pg_session, wf.id, user.id, correlation_id="corr-secret")
             pg_session.commit()
         worker = spawn_worker(OUTBOUND_ALLOWLIST="127.0.0.1", LOG_LEVEL="DEBUG")
-        done = _wait_done(pg_session, ex.id)
+        done = wait_done(pg_session, ex.id)
         wait_for(lambda: "execution_finished" in worker.text(), 15)
         worker.stop()  # every line flushed, shutdown included
         received = list(server.requests)
@@ -298,7 +286,7 @@ def test_node_retries_transient_http_errors_within_one_phase(
         pg_session.commit()
         ex = enqueue_execution(pg_session, wf.id, user.id)
         pg_session.commit()
-        done = _wait_done(pg_session, ex.id)
+        done = wait_done(pg_session, ex.id)
         paths = [r.path for r in server.requests]
 
     assert done.status == ExecutionStatus.COMPLETED, done.error
@@ -364,7 +352,7 @@ def _prepared(session: Session, steps: int = 3) -> tuple[Any, WorkflowExecution]
 
 
 def _assert_completed_cleanly(session: Session, user: Any, ex: WorkflowExecution) -> None:
-    done = _status(session, ex.id)
+    done = execution_status(session, ex.id)
     assert done.status == ExecutionStatus.COMPLETED, done.error
     assert done.lease_owner is None and done.credits_consumed == 3
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
@@ -401,7 +389,7 @@ def test_database_drop_retries_the_task_and_the_next_delivery_resumes(
         )
         assert info.value.when == 2.0  # the first retry's countdown
 
-        between = _status(pg_session, ex.id)
+        between = execution_status(pg_session, ex.id)
         assert between.status in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING), (
             nth,
             drop.fired,

@@ -24,7 +24,7 @@ from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks import cancel_execution, enqueue_execution, sweep_stale_executions
 from flowbuilder.tasks.app import EXECUTIONS_QUEUE, queue_name
 from tests.factories import json_definition, make_user, make_workflow
-from tests.tasks.conftest import wait_for
+from tests.tasks.conftest import execution_status, wait_done, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,18 +48,6 @@ def _enqueue(session: Session, definition: dict[str, Any], credits: int = 50, **
     ex = enqueue_execution(session, wf.id, user.id, **kw)
     session.commit()
     return user, wf, ex
-
-
-def _status(session: Session, execution_id: uuid.UUID) -> WorkflowExecution:
-    session.rollback()
-    session.expire_all()
-    return session.get(WorkflowExecution, execution_id)
-
-
-def _wait_done(session: Session, execution_id: uuid.UUID, timeout: float = 40) -> WorkflowExecution:
-    return wait_for(
-        lambda: (ex := _status(session, execution_id)).status.is_terminal and ex, timeout
-    )
 
 
 def _debits(session: Session, user_id: uuid.UUID) -> list[BalanceTransaction]:
@@ -104,7 +92,7 @@ def test_message_carries_ids_only(worker_settings: Any, pg_session: Session) -> 
 
 def test_end_to_end_multi_phase(celery_worker: Any, pg_session: Session) -> None:
     user, wf, ex = _enqueue(pg_session, json_definition(3), credits=10)
-    done = _wait_done(pg_session, ex.id)
+    done = wait_done(pg_session, ex.id)
     assert done.status == ExecutionStatus.COMPLETED, done.error
     phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 3
@@ -126,7 +114,7 @@ def test_duplicate_delivery_of_one_message(
     sqs.send_message(url, message["Body"])
     sqs.send_message(url, message["Body"])
     workers = [spawn_worker(), spawn_worker()]
-    done = _wait_done(pg_session, ex.id)
+    done = wait_done(pg_session, ex.id)
     assert done.status == ExecutionStatus.COMPLETED, done.error
     phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
     assert [p.attempts for p in phases] == [1, 1, 1]
@@ -156,10 +144,10 @@ def test_worker_killed_mid_run_is_resumed_without_double_debit(
 
     wait_for(second_phase_running, 30, interval=0.05)
     first.kill()  # SIGKILL: no cleanup, no ack, the lease is left to lapse
-    assert _status(pg_session, ex.id).status == ExecutionStatus.RUNNING
+    assert execution_status(pg_session, ex.id).status == ExecutionStatus.RUNNING
     killed_at = time.monotonic()
     second = spawn_worker()
-    done = _wait_done(pg_session, ex.id, timeout=60)
+    done = wait_done(pg_session, ex.id, timeout=60)
     assert done.status == ExecutionStatus.COMPLETED, done.error
     # Redelivered by SQS after the visibility timeout, not before.
     assert time.monotonic() - killed_at > 2
@@ -176,7 +164,7 @@ def test_worker_killed_mid_run_is_resumed_without_double_debit(
 def test_logs_carry_ids_and_correlation_id(spawn_worker: Any, pg_session: Session) -> None:
     worker = spawn_worker()
     user, wf, ex = _enqueue(pg_session, json_definition(2), correlation_id="corr-123")
-    _wait_done(pg_session, ex.id)
+    wait_done(pg_session, ex.id)
     finished = wait_for(
         lambda: [x for x in worker.lines() if x.get("event") == "execution_finished"], 10
     )[0]
@@ -189,10 +177,12 @@ def test_logs_carry_ids_and_correlation_id(spawn_worker: Any, pg_session: Sessio
 
 def test_cancel_running_execution(celery_worker: Any, pg_session: Session) -> None:
     user, _, ex = _enqueue(pg_session, _delays(1.0, 1.0, 1.0), credits=10)
-    wait_for(lambda: _status(pg_session, ex.id).status == ExecutionStatus.RUNNING, 20, 0.05)
+    wait_for(
+        lambda: execution_status(pg_session, ex.id).status == ExecutionStatus.RUNNING, 20, 0.05
+    )
     cancel_execution(pg_session, ex.id, user.id)
     pg_session.commit()
-    done = _wait_done(pg_session, ex.id)
+    done = wait_done(pg_session, ex.id)
     assert done.status == ExecutionStatus.CANCELLED
     phases = phase_crud.list_phases(session=pg_session, execution_id=ex.id, user_id=user.id)
     assert phases[-1].status == PhaseStatus.CANCELLED
@@ -205,7 +195,7 @@ def test_cancel_running_execution(celery_worker: Any, pg_session: Session) -> No
 
 def test_execution_timeout_ends_failed(celery_worker: Any, pg_session: Session) -> None:
     user, _, ex = _enqueue(pg_session, _delays(2.5, 2.5, 2.5), credits=10)
-    done = _wait_done(pg_session, ex.id)
+    done = wait_done(pg_session, ex.id)
     assert done.status == ExecutionStatus.FAILED
     assert "timed out" in done.error
 
@@ -269,9 +259,9 @@ def test_send_failure_after_commit_is_recovered_by_the_sweep(
         tasks_execution.send_execution = original
     assert calls, "the send was attempted after commit"
     time.sleep(2.5)
-    assert _status(pg_session, ex.id).status == ExecutionStatus.PENDING
+    assert execution_status(pg_session, ex.id).status == ExecutionStatus.PENDING
     assert sweep_stale_executions.apply().get() == 1
-    done = _wait_done(pg_session, ex.id)
+    done = wait_done(pg_session, ex.id)
     assert done.status == ExecutionStatus.COMPLETED
 
 
@@ -285,7 +275,7 @@ def test_concurrent_executions_never_overdraw(spawn_worker: Any, pg_session: Ses
         pg_session.commit()
     spawn_worker()
     spawn_worker()
-    finished = [_wait_done(pg_session, i, timeout=60) for i in ids]
+    finished = [wait_done(pg_session, i, timeout=60) for i in ids]
     statuses = sorted(e.status.value for e in finished)
     assert statuses == ["completed", "completed", "failed"]
     assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 0
@@ -331,7 +321,7 @@ def test_api_async_session_enqueues_after_commit(celery_worker: Any, pg_session:
         tasks_execution.send_execution = original
     # Queued, not sent, while the transaction was open; sent once after the commit.
     assert sent_while_open == [True] and [c[0] for c in calls] == [execution_id]
-    done = _wait_done(pg_session, execution_id)
+    done = wait_done(pg_session, execution_id)
     assert done.status == ExecutionStatus.COMPLETED
 
 
