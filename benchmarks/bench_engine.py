@@ -138,7 +138,7 @@ class _StatementCounter:
         sa.event.remove(self.engine, "commit", self._on_commit)
 
 
-def _prepare(session: Session, phases: int) -> uuid.UUID:
+def _prepare(session: Session, phases: int, definition: dict[str, Any] | None = None) -> uuid.UUID:
     """A user with credits, a published workflow and a pending execution (committed)."""
     user = user_crud.create_user(
         session=session, data=models.UserCreate(email=f"bench-{uuid.uuid4().hex[:10]}@example.com")
@@ -148,7 +148,8 @@ def _prepare(session: Session, phases: int) -> uuid.UUID:
         session=session,
         user_id=user.id,
         data=models.WorkflowCreate(
-            name=f"bench-{uuid.uuid4().hex[:8]}", definition=chain_definition(phases)
+            name=f"bench-{uuid.uuid4().hex[:8]}",
+            definition=definition or chain_definition(phases),
         ),
     )
     session.flush()
@@ -212,6 +213,48 @@ def measure_engine(url: str, phases: int, repetitions: int, baseline_seconds: fl
         "statements_fixed": statements - round(per_phase) * phases,
         "commits_per_phase": round((commits - one_commits) / (phases - 1)),
         "statements_per_run": statements,
+    }
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def measure_concurrency(width: int = 4, seconds: float = 0.1, repetitions: int = 3) -> dict:
+    """A phase of ``width`` independent delay nodes (no path between them), on SQLite.
+
+    The baseline is the same nodes one after another (``width * seconds`` of sleeping);
+    a ratio well below 1 shows the nodes of one phase running concurrently.
+    """
+    definition = {
+        "version": 1,
+        "nodes": [
+            {"id": f"wait{i}", "type": "delay", "inputs": {"seconds": seconds}}
+            for i in range(width)
+        ],
+        "edges": [],
+    }
+    timings = []
+    with tempfile.TemporaryDirectory() as home:
+        url = f"sqlite:///{Path(home) / 'concurrency.db'}"
+        with (
+            _database(url, Path(home)) as engine,
+            Session(engine, expire_on_commit=False) as session,
+        ):
+            for _ in range(max(1, repetitions)):
+                execution_id = _prepare(session, width, definition)
+                started = time.perf_counter()
+                result = runner.run_execution(execution_id)
+                timings.append(time.perf_counter() - started)
+                if result.outcome != runner.Outcome.COMPLETED:
+                    raise RuntimeError(f"concurrency run did not complete: {result}")
+    sequential = width * seconds
+    engine_seconds = statistics.median(timings)
+    return {
+        "width": width,
+        "node_seconds": seconds,
+        "sequential_ms": sequential * 1000,
+        "engine_ms": engine_seconds * 1000,
+        "ratio_engine_to_sequential": engine_seconds / sequential,
     }
 
 
@@ -294,6 +337,7 @@ def run_benchmarks(
         "baseline_ms_per_run": baseline * 1000,
         "engine": engines,
         "definitions": measure_definitions(definition_nodes, repetitions),
+        "concurrency": measure_concurrency(repetitions=min(repetitions, 3)),
     }
 
 
@@ -316,6 +360,12 @@ def format_table(results: dict) -> str:
         f"{d['json_loads_ms']:.3f} ms, validate_definition+build_plan "
         f"{d['validate_and_plan_ms']:.2f} ms = {d['ratio_validate_plan_to_json_loads']:.0f}x "
         f"json.loads ({d['definitions_per_second']:.0f} definitions/s)"
+    )
+    c = results["concurrency"]
+    lines.append(
+        f"one phase of {c['width']} independent {c['node_seconds']:g}s delays: "
+        f"{c['engine_ms']:.0f} ms vs {c['sequential_ms']:.0f} ms one after another "
+        f"= {c['ratio_engine_to_sequential']:.2f}x"
     )
     return "\n".join(lines)
 

@@ -55,6 +55,13 @@ def test_definition_measurement_structure() -> None:
         assert _positive_finite(result[key]), (key, result[key])
 
 
+def test_concurrency_measurement_structure() -> None:
+    result = bench_engine.measure_concurrency(width=2, seconds=0.05, repetitions=1)
+    assert result["width"] == 2 and result["sequential_ms"] == pytest.approx(100)
+    for key in ("engine_ms", "ratio_engine_to_sequential"):
+        assert _positive_finite(result[key]), (key, result[key])
+
+
 def test_main_prints_a_table_and_writes_only_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -67,6 +74,7 @@ def test_main_prints_a_table_and_writes_only_when_asked(
     assert not out.exists()
     table = capsys.readouterr().out
     assert "sqlite" in table and "json.loads" in table and "postgresql" not in table
+    assert "independent" in table
 
     assert bench_engine.main([*args, "--write"]) == 0
     results = json.loads(out.read_text())

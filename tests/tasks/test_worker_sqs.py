@@ -342,3 +342,28 @@ def test_rolled_back_enqueue_sends_nothing(worker_settings: Any, pg_session: Ses
         tasks_execution.send_execution = original
     assert calls == []
     assert pg_session.exec(select(WorkflowExecution)).all() == []
+
+
+def test_redrive_policy_moves_a_poison_message_to_the_dead_letter_queue(
+    worker_settings: Any,
+) -> None:
+    """A message received SQS_DLQ_MAX_RECEIVE_COUNT times without being deleted (a worker
+    that keeps dying on it) lands in the dead-letter queue that ensure-queues set up."""
+    from flowbuilder.platform.settings import override_settings
+
+    prefix = f"redrive-{uuid.uuid4().hex[:6]}-"
+    with override_settings(SQS_DLQ_MAX_RECEIVE_COUNT=2, SQS_VISIBILITY_TIMEOUT=10) as s:
+        urls = sqs.ensure_queues(f"{prefix}work", f"{prefix}work-dlq", settings=s)
+    work, dlq = urls[f"{prefix}work"], urls[f"{prefix}work-dlq"]
+    client = sqs.get_sqs_client()
+    sqs.send_message(work, "poison")
+    for _ in range(2):
+        got = sqs.receive_messages(work, max_number=1, wait_time=1)
+        assert [m["Body"] for m in got] == ["poison"]
+        # Make it visible again at once, as a lapsed visibility timeout would.
+        client.change_message_visibility(
+            QueueUrl=work, ReceiptHandle=got[0]["ReceiptHandle"], VisibilityTimeout=0
+        )
+    assert sqs.receive_messages(work, max_number=1, wait_time=1) == []
+    dead = sqs.receive_messages(dlq, max_number=1, wait_time=1)
+    assert [m["Body"] for m in dead] == ["poison"]
