@@ -72,6 +72,7 @@ from flowbuilder.platform.errors import (
     InsufficientCredits,
     NotFound,
     TransientError,
+    ValidationFailed,
 )
 from flowbuilder.platform.models import (
     ExecutionPhase,
@@ -111,6 +112,7 @@ def prepare_execution(
     from flowbuilder.platform.plan import build_plan
 
     settings = get_settings()
+    _check_inputs(inputs, settings.MAX_DEFINITION_BYTES)
     workflow = workflow_crud.get_workflow_by_id_and_user(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
@@ -156,6 +158,20 @@ def prepare_execution(
         credits=plan.total_credits,
     )
     return execution
+
+
+def _check_inputs(inputs: Any, max_bytes: int) -> None:
+    """Execution inputs are stored as JSON: refuse what cannot be, or is too large."""
+    if inputs is None:
+        return
+    if not isinstance(inputs, dict):
+        raise ValidationFailed([f"inputs: must be a JSON object, got {type(inputs).__name__}"])
+    try:
+        size = len(json.dumps(inputs, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValidationFailed([f"inputs: not JSON serialisable ({exc})"]) from None
+    if size > max_bytes:
+        raise ValidationFailed([f"inputs: {size} bytes, more than the {max_bytes} allowed"])
 
 
 def cancel_execution(

@@ -640,3 +640,24 @@ def test_one_failing_node_fails_the_run_after_its_phase(engine, session: Session
     }
     # p0 paid 1; p1's 3 were refunded; "after" never ran.
     assert balance_crud.get_balance(session=session, user_id=user.id) == 9
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ([1, 2], "must be a JSON object"),
+        ({"when": object()}, "not JSON serialisable"),
+        ({"x": float("nan")}, "not JSON serialisable"),
+        ({"big": "x" * 600_000}, "bytes, more than"),
+    ],
+)
+def test_bad_execution_inputs_refused_and_nothing_recorded(
+    engine, session: Session, inputs: Any, message: str
+) -> None:
+    user = make_user(session, credits=10)
+    wf = make_workflow(session, user, definition=json_definition(1), publish=True)
+    session.commit()
+    with pytest.raises(ValidationFailed, match=message):
+        runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id, inputs=inputs)
+    session.rollback()
+    assert session.exec(select(WorkflowExecution)).all() == []
