@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     SQS_DLQ_MAX_RECEIVE_COUNT: int = Field(default=5, ge=1, le=1000)
     BROKER_URL: str | None = None
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    # RedBeat's keys in Redis; several deployments (or test runs) can share one Redis.
+    REDBEAT_KEY_PREFIX: str = "redbeat:"
 
     # --- execution ----------------------------------------------------------------
     EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)

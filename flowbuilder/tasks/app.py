@@ -117,10 +117,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "sweep-stale-executions": {
                 "task": "flowbuilder.sweep_stale_executions",
-                "schedule": max(30.0, settings.SWEEP_PENDING_AFTER_SECONDS / 2),
+                "schedule": max(1.0, settings.SWEEP_PENDING_AFTER_SECONDS / 2),
             }
         },
+        # Beat: RedBeat keeps the schedule and its lock in Redis, so a second beat process
+        # waits on the lock instead of sending every task twice.
         "redbeat_redis_url": settings.REDIS_URL,
+        "redbeat_key_prefix": settings.REDBEAT_KEY_PREFIX,
+        # No result backend, so nothing for celery.backend_cleanup to clean.
+        "result_expires": None,
         "timezone": "UTC",
         "enable_utc": True,
     }
