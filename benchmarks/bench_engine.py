@@ -289,23 +289,16 @@ def measure_definitions(nodes: int = 200, repetitions: int = 3) -> dict:
 def throwaway_postgres(admin_url: str = PG_ADMIN_URL) -> Iterator[str | None]:
     """A fresh PostgreSQL database (dropped afterwards), or None when none is reachable."""
     try:
-        admin = sa.create_engine(
-            admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-        )
-        name = f"flowbuilder_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        database = db.temporary_database(admin_url, "flowbuilder_bench")
+        url = database.__enter__()
     except Exception as exc:  # noqa: BLE001 - no server, no driver, no rights: skip it
         print(f"PostgreSQL skipped: {type(exc).__name__}", file=sys.stderr)
         yield None
         return
     try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+        yield url
     finally:
-        db.reset_engines()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+        database.__exit__(None, None, None)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -214,6 +215,29 @@ def create_test_engine_and_session(
     engine = make_engine(url)
     SQLModel.metadata.create_all(engine)
     return engine, _session_factory(engine)
+
+
+@contextlib.contextmanager
+def temporary_database(admin_url: str, prefix: str = "flowbuilder_tmp") -> Iterator[str]:
+    """A new, empty PostgreSQL database for tests and benchmarks, dropped afterwards.
+
+    ``admin_url`` is any database on the server with the right to CREATE DATABASE.
+    """
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = sa.create_engine(
+        admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            reset_engines()
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
 
 
 # ------------------------------------------------------------------------------ fork safety

@@ -109,7 +109,7 @@ def prepare_execution(
     is the task sent.
     """
     from flowbuilder.platform.definitions import validate_definition
-    from flowbuilder.platform.plan import build_plan
+    from flowbuilder.platform.plan import ExecutionPlan
 
     settings = get_settings()
     _check_inputs(inputs, settings.MAX_DEFINITION_BYTES)
@@ -120,11 +120,13 @@ def prepare_execution(
         raise Conflict(f"workflow {workflow_id} is {workflow.status.value}, not published")
     version = workflow_crud.get_published_version(session=session, workflow=workflow)
     # Validated again: a credential may have been deleted since the version was published.
-    definition = validate_definition(
+    validate_definition(
         version.definition,
         owned_credential_ids=workflow_crud.owned_credential_ids(session=session, user_id=user_id),
     )
-    plan = build_plan(definition)
+    # The plan frozen with the version: the same one the worker runs, so the phases
+    # recorded here (and their credit costs) are exactly what will be run and debited.
+    plan = ExecutionPlan.from_dict(version.plan)
 
     user = user_crud.get_user(session=session, user_id=user_id)
     limit = settings.RATE_LIMIT_GUEST if user.is_guest else settings.RATE_LIMIT_USER

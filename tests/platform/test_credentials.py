@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Iterator
 
 import boto3
 import pytest
@@ -18,18 +17,6 @@ from flowbuilder.platform.errors import Conflict, NotFound, SecretError, Validat
 from flowbuilder.platform.models import Credential, DatabaseSecret
 from flowbuilder.platform.settings import override_settings
 from tests.factories import make_user
-
-
-@pytest.fixture(params=["db", "aws"])
-def backend(request: pytest.FixtureRequest, session: Session) -> Iterator[str]:
-    """Run a test with USE_DB_SECRETS=true, then against moto's Secrets Manager."""
-    if request.param == "db":
-        with override_settings(USE_DB_SECRETS=True):
-            yield "db"
-    else:
-        url = request.getfixturevalue("moto_reset")
-        with override_settings(USE_DB_SECRETS=False, SECRETS_MANAGER_ENDPOINT_URL=url):
-            yield url
 
 
 def _closed_port_url() -> str:

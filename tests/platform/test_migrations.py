@@ -3,7 +3,6 @@ as a no-op, on SQLite (the embedded default) and on PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,17 +30,8 @@ def _head() -> str:
 @pytest.fixture
 def fresh_pg_url() -> Iterator[str]:
     """An empty PostgreSQL database (no tables at all), dropped afterwards."""
-    name = f"flowbuilder_migrate_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        db.reset_engines()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with db.temporary_database(PG_ADMIN_URL, "flowbuilder_migrate") as url:
+        yield url
 
 
 @pytest.fixture

@@ -77,17 +77,6 @@ def debug_logging(capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
         structlog.configure(**saved_structlog)
 
 
-@pytest.fixture(params=["db", "aws"])
-def backend(request: pytest.FixtureRequest, session: Session) -> Iterator[str]:
-    if request.param == "db":
-        with override_settings(USE_DB_SECRETS=True):
-            yield "db"
-    else:
-        url = request.getfixturevalue("moto_reset")
-        with override_settings(USE_DB_SECRETS=False, SECRETS_MANAGER_ENDPOINT_URL=url):
-            yield url
-
-
 def _exception_texts(exc: BaseException) -> list[str]:
     texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc))]
     for arg in exc.args:

@@ -151,7 +151,25 @@ _API_KEY_HEADER = PortSpec(
 )
 
 
-class HttpRequestNode(NodeType):
+class _OutboundNode(NodeType):
+    """What every node that calls out over HTTP shares: cost, limits, retries, checks."""
+
+    credits = 2
+    timeout_seconds = 60.0
+    credential = "optional"
+    # 5xx, 408, 425, 429 and connection errors are transient; retried inside the phase.
+    retryable = True
+    max_retries = 2
+    retry_backoff_seconds = 2.0
+
+    def check_static_inputs(self, static_inputs: Mapping[str, Any]) -> list[InputProblem]:
+        problems = _url_problems(static_inputs)
+        if "headers" in static_inputs:
+            problems += _static_header_problems(static_inputs["headers"])
+        return problems
+
+
+class HttpRequestNode(_OutboundNode):
     type = "http_request"
     description = "Call a URL. JSON responses are parsed; others are returned as text."
     inputs = {
@@ -167,21 +185,13 @@ class HttpRequestNode(NodeType):
         "body": PortSpec("any", description="parsed JSON when the response is JSON, else text"),
         "url": PortSpec("string", description="the final URL, after redirects"),
     }
-    credits = 2
-    timeout_seconds = 60.0
-    credential = "optional"
-    retryable = True
-    max_retries = 2
-    retry_backoff_seconds = 2.0
 
     def check_static_inputs(self, static_inputs: Mapping[str, Any]) -> list[InputProblem]:
-        problems = _url_problems(static_inputs)
+        problems = super().check_static_inputs(static_inputs)
         method = static_inputs.get("method")
         if method is not None and method.upper() not in HTTP_METHODS:
             allowed = ", ".join(HTTP_METHODS)
             problems.append(("method", "invalid_value", f"must be one of {allowed}"))
-        if "headers" in static_inputs:
-            problems += _static_header_problems(static_inputs["headers"])
         return problems
 
     def run(self, inputs: dict[str, Any], ctx: NodeContext) -> dict[str, Any]:
@@ -213,7 +223,7 @@ def _json_bytes(value: Any) -> bytes:
         raise NodeError("input 'body' is not JSON-serializable") from None
 
 
-class DeliverViaWebhookNode(NodeType):
+class DeliverViaWebhookNode(_OutboundNode):
     type = "deliver_via_webhook"
     description = "POST a JSON body to a URL."
     inputs = {
@@ -226,18 +236,6 @@ class DeliverViaWebhookNode(NodeType):
         "status": PortSpec("integer"),
         "body": PortSpec("any", description="parsed JSON when the response is JSON, else text"),
     }
-    credits = 2
-    timeout_seconds = 60.0
-    credential = "optional"
-    retryable = True
-    max_retries = 2
-    retry_backoff_seconds = 2.0
-
-    def check_static_inputs(self, static_inputs: Mapping[str, Any]) -> list[InputProblem]:
-        problems = _url_problems(static_inputs)
-        if "headers" in static_inputs:
-            problems += _static_header_problems(static_inputs["headers"])
-        return problems
 
     def run(self, inputs: dict[str, Any], ctx: NodeContext) -> dict[str, Any]:
         headers = _user_headers(inputs.get("headers"))
