@@ -24,7 +24,10 @@ RESULTS_DIR = Path(__file__).with_name("results")
 # Benchmarks written elsewhere, included by name when their module is present. Each
 # exposes ``run(quick: bool) -> dict``.
 OPTIONAL = {"scheduler": "benchmarks.bench_scheduler"}
-NAMES = ("worker", "definitions", *OPTIONAL)
+NAMES = ("worker", "definitions", "broker", *OPTIONAL)
+# The broker settings sweep starts a worker per configuration and round (~7 min): run it
+# with --only broker (or list it) when the settings are in question.
+DEFAULT = ("worker", "definitions", *OPTIONAL)
 
 
 def machine() -> dict[str, Any]:
@@ -59,21 +62,26 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_all(quick: bool, only: tuple[str, ...] = NAMES) -> dict[str, Any]:
+def run_all(quick: bool, only: tuple[str, ...] = DEFAULT) -> dict[str, Any]:
     results: dict[str, Any] = {
         "quick": quick,
         "machine": machine(),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     started = time.perf_counter()
-    if "worker" in only:
-        from benchmarks import bench_worker
+
+    def log(message: str) -> None:
+        print(f"... {message}", file=sys.stderr, flush=True)
+
+    if "worker" in only or "broker" in only:
+        from benchmarks import bench_broker, bench_worker
         from benchmarks.harness import services
 
         with services() as svc:
-            results["worker"] = bench_worker.run(
-                svc, quick=quick, log=lambda m: print(f"... {m}", file=sys.stderr, flush=True)
-            )
+            if "worker" in only:
+                results["worker"] = bench_worker.run(svc, quick=quick, log=log)
+            if "broker" in only:
+                results["broker"] = bench_broker.run(svc, quick=quick, log=log)
     if "definitions" in only:
         from benchmarks import bench_definitions
 
@@ -271,6 +279,10 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Total time: {results['total_seconds']} s.",
     ]
+    if "broker" in results:
+        from benchmarks.bench_broker import format_table as broker_table
+
+        lines += ["", "## Broker settings", "", broker_table(results["broker"])]
     return "\n".join(lines) + "\n"
 
 
@@ -323,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (< 1 min)")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
-    parser.add_argument("--only", default=",".join(NAMES), help=f"comma-separated: {NAMES}")
+    parser.add_argument(
+        "--only", default=",".join(DEFAULT), help=f"comma-separated, of: {', '.join(NAMES)}"
+    )
     parser.add_argument(
         "--no-report",
         action="store_true",
@@ -339,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING", force=True)  # the engine's INFO lines are not the benchmark
     results = run_all(args.quick, only)
     print(format_table(results))
+    if "broker" in results:
+        from benchmarks.bench_broker import format_table as broker_table
+
+        print("\nbroker settings (project worker, prefork 2):\n" + broker_table(results["broker"]))
     print(f"\n(total {results['total_seconds']} s)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
