@@ -89,12 +89,14 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     if url.startswith("filesystem://"):
         # The embedded default: a broker in plain folders, no server needed.
         folder = (settings.FLOWBUILDER_HOME / "broker").resolve()
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            # kombu's default is ./control, in whatever directory the process runs in.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     return {}
