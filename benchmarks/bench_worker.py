@@ -409,17 +409,18 @@ def measure_drain(
             ):
                 start, done = bare._times(key, runs)
             base.append((runs - 1) / (done - start))
-            for label, options, pf in bare_options or []:
+        for label, options, pf in bare_options or []:
+            # Fresh queues again: the bare worker above has just stopped, and its last
+            # long poll may still be pending on the old queue.
+            with session(svc, project_worker=False, bare_worker=False, warm=False) as (
+                _p,
+                bare,
+                _,
+            ):
                 key, _sent = bare.noops(runs)
-                with Worker(
-                    svc,
-                    "bare",
-                    prefix,
-                    transport_options=options,
-                    prefetch=pf,
-                ):
+                with Worker(svc, "bare", _current_prefix(), transport_options=options, prefetch=pf):
                     start, done = bare._times(key, runs)
-                extra.setdefault(label, []).append((runs - 1) / (done - start))
+            extra.setdefault(label, []).append((runs - 1) / (done - start))
     result = {
         "runs": runs,
         "project_runs_per_s": summary(proj),
