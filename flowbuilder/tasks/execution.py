@@ -1,4 +1,4 @@
-"""Worker tasks: thin shells around the engine in ``flowbuilder.platform.runner``.
+"""Worker tasks: thin shells around the engine in ``flowbuilder.platform.engine``.
 
 A task takes ids, calls platform code, and decides retries. Messages carry the execution
 id only: never a definition, never a secret.
@@ -16,7 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
 
-from flowbuilder.platform import runner
+from flowbuilder.platform import engine
 from flowbuilder.platform.crud import execution_crud
 from flowbuilder.platform.db import unit_of_work
 from flowbuilder.platform.errors import TransientError
@@ -54,12 +54,12 @@ def execute_workflow(self: Task, execution_id: str) -> str:
     # lease (they carry the same task id, so the task id cannot be the owner).
     owner = f"{self.request.hostname or 'local'}:{uuid.uuid4().hex[:12]}"
     try:
-        result = runner.run_execution(exec_id, owner=owner)
+        result = engine.run_execution(exec_id, owner=owner)
     except TransientError as exc:
         countdown = min(60.0, 2.0 * (2**self.request.retries))
         logger.warning("execute_workflow_retry", error=str(exc), countdown=countdown)
         raise self.retry(exc=exc, countdown=countdown) from exc
-    if result.outcome == runner.Outcome.LEASE_HELD:
+    if result.outcome == engine.Outcome.LEASE_HELD:
         # Another delivery is running it right now. Come back when its lease would have
         # lapsed: if that worker died, we take over; if it finished, this is a no-op.
         raise self.retry(countdown=result.retry_after + 0.5, max_retries=None)
@@ -136,7 +136,7 @@ def enqueue_execution(
     Raises NotFound, Conflict (not published), ValidationFailed (bad definition),
     RateLimited or InsufficientCredits; nothing is recorded or sent then.
     """
-    execution = runner.prepare_execution(
+    execution = engine.prepare_execution(
         session=session,
         workflow_id=workflow_id,
         user_id=user_id,
@@ -151,4 +151,4 @@ def enqueue_execution(
 def cancel_execution(
     session: Session, execution_id: uuid.UUID, user_id: uuid.UUID
 ) -> WorkflowExecution:
-    return runner.cancel_execution(session=session, execution_id=execution_id, user_id=user_id)
+    return engine.cancel_execution(session=session, execution_id=execution_id, user_id=user_id)

@@ -15,8 +15,8 @@ import pytest
 import redis
 from sqlmodel import Session
 
+from flowbuilder.platform.engine import prepare_execution
 from flowbuilder.platform.models import ExecutionStatus, utcnow
-from flowbuilder.platform.runner import prepare_execution
 from tests.factories import json_definition, make_user, make_workflow
 from tests.tasks.conftest import wait_done, wait_for, worker_env
 

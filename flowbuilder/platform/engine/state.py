@@ -1,0 +1,44 @@
+"""The state of one run, and how a call of the engine ends."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from flowbuilder.platform.models import ExecutionPhase
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALREADY_DONE = "already_done"  # a duplicate delivery of a finished execution
+    LEASE_HELD = "lease_held"  # another worker runs it now
+    LEASE_LOST = "lease_lost"  # our lease lapsed and someone else took over
+    MISSING = "missing"
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    retry_after: float = 0.0
+    phases_run: int = 0
+    credits: int = 0
+    error: str | None = None
+
+
+@dataclass
+class RunState:
+    execution_id: uuid.UUID
+    user_id: uuid.UUID
+    workflow_id: uuid.UUID | None
+    owner: str
+    lease: float
+    deadline: float
+    plan: Any
+    phases: list[ExecutionPhase]
+    outputs_by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
+    next_seq: int = 1
+    phases_run: int = 0
