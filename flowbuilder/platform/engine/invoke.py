@@ -12,14 +12,17 @@ import structlog
 from sqlmodel import Session
 
 from flowbuilder.platform.engine.lease import Heartbeat
+from flowbuilder.platform.engine.outputs import Unstorable, storable_outputs
 from flowbuilder.platform.engine.redaction import _redact_value, _secret_forms
-from flowbuilder.platform.engine.state import RunState
+from flowbuilder.platform.engine.state import RunState, is_time_limit
 from flowbuilder.platform.errors import (
     TransientError,
 )
+from flowbuilder.platform.jsonvalues import clean_string
 from flowbuilder.platform.models import (
     ExecutionPhase,
 )
+from flowbuilder.platform.settings import get_settings
 
 logger = structlog.get_logger(__name__)
 
@@ -89,6 +92,7 @@ def _invoke(
     from flowbuilder.platform.nodes import get_node_type
     from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
 
+    settings = get_settings()
     node_type = get_node_type(phase.node_type)
     node_log = NodeLogger()
     timeout = float(node.timeout_seconds or node_type.timeout_seconds)
@@ -142,12 +146,29 @@ def _invoke(
             result.error = str(exc)
             break
         except Exception as exc:  # noqa: BLE001 - a node bug must fail the phase, not the worker
+            if is_time_limit(exc):
+                # The worker's own time limit, not a node bug: the run ends as timed out.
+                raise
             logger.exception("node_crashed", node_id=phase.node_id, node_type=phase.node_type)
             result.error = f"internal error in node type {phase.node_type} ({type(exc).__name__})"
             break
+    if result.error is None:
+        # The node boundary: what the node returned becomes storable here, or the node
+        # fails with the reason (never a database write that fails on the data).
+        try:
+            result.outputs = storable_outputs(
+                result.outputs,
+                max_bytes=settings.PHASE_OUTPUT_MAX_BYTES,
+                max_depth=settings.PHASE_OUTPUT_MAX_DEPTH,
+            )
+        except Unstorable as exc:
+            result.outputs, result.error = {}, f"its outputs cannot be stored: {exc}"
+    else:
+        result.outputs = {}
+        result.error = clean_string(result.error)
     if result.error is not None and not result.cancelled:
         node_log.error(result.error)
-    result.logs = [(e.level, e.message, e.timestamp) for e in node_log.drain()]
+    result.logs = [(e.level, clean_string(e.message), e.timestamp) for e in node_log.drain()]
     if credential is not None:
         # A remote server may echo the credential back (headers reflected in a body), and
         # a node may log or raise with it. Nothing the node produced is stored unredacted.

@@ -45,8 +45,7 @@ from flowbuilder.platform.crud import (
 from flowbuilder.platform.db import get_engine, unit_of_work
 from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew
-from flowbuilder.platform.engine.outputs import cap_outputs
-from flowbuilder.platform.engine.state import Outcome, RunResult, RunState
+from flowbuilder.platform.engine.state import Outcome, RunResult, RunState, is_time_limit
 from flowbuilder.platform.errors import (
     FlowBuilderError,
     InsufficientCredits,
@@ -67,9 +66,25 @@ logger = structlog.get_logger(__name__)
 
 
 def _is_infrastructure_error(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError | DBAPIError) and not isinstance(
-        exc, sa.exc.IntegrityError
-    )
+    """The database is unreachable or restarting: retry the whole run later.
+
+    Only connection-level failures. A statement refused because of the data in it
+    (DataError, IntegrityError, ProgrammingError) would fail the same way on every retry:
+    retrying it is how a run loops forever, so those end the run instead.
+    """
+    if isinstance(exc, OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and not _is_infrastructure_error(exc)
+
+
+def _describe_db_error(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first[:200]}"
 
 
 def run_execution(
@@ -117,8 +132,66 @@ def run_execution(
         if _is_infrastructure_error(exc):
             release_quietly(engine, execution_id, owner)
             raise TransientError(f"database unavailable while running {execution_id}") from exc
-        raise
+        # Anything else would fail the same way on every redelivery: the run ends here,
+        # failed with the reason, instead of waiting for the sweep to revive it.
+        if is_time_limit(exc):
+            error = "execution timed out (the worker's time limit)"
+        else:
+            logger.exception("execution_crashed", execution_id=str(execution_id))
+            error = f"internal error while running the execution ({type(exc).__name__})"
+        if not _fail_quietly(engine, execution_id, owner, error):
+            raise
+        return RunResult(Outcome.FAILED, error=error)
     return result
+
+
+def _fail_quietly(engine: Engine, execution_id: uuid.UUID, owner: str, error: str) -> bool:
+    """End the execution failed if we still hold its lease. True when it is ended."""
+    try:
+        with unit_of_work(engine) as s:
+            held, _cancel = execution_crud.renew_lease(
+                session=s, execution_id=execution_id, owner=owner, lease_seconds=30
+            )
+            if not held:
+                return False
+            execution = s.get(WorkflowExecution, execution_id)
+            _abandon(s, execution, error)
+        return True
+    except Exception:  # noqa: BLE001 - the lease lapses; attempts bound the retries
+        logger.warning("execution_fail_failed", execution_id=str(execution_id))
+        return False
+
+
+def _abandon(s: Session, execution: WorkflowExecution, error: str) -> None:
+    """End a run that cannot go on: phases left running were charged but never finished
+    (the worker died in them), so they fail and are refunded per the policy."""
+    refund = get_settings().REFUND_FAILED_PHASES
+    running = s.exec(
+        select(ExecutionPhase).where(
+            ExecutionPhase.execution_id == execution.id,
+            ExecutionPhase.status == PhaseStatus.RUNNING,
+        )
+    ).all()
+    for phase in running:
+        refunded = refund and phase.credits_charged > 0
+        if refunded:
+            balance_crud.refund_credits(
+                session=s,
+                user_id=execution.user_id,
+                amount=phase.credits_charged,
+                idempotency_key=f"refund:{phase.id}",
+                execution_id=execution.id,
+                phase_id=phase.id,
+                reason=f"failed phase {phase.node_id}",
+            )
+        phase_crud.update_phase(
+            session=s,
+            phase=phase,
+            status=PhaseStatus.FAILED,
+            error="interrupted: the run ended before this phase finished",
+            credits_charged=0 if refunded else None,
+        )
+    _finish(s, execution.id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
 
 
 def _claim(
@@ -141,6 +214,11 @@ def _claim(
                 remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
             return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
         s.refresh(execution)
+        settings = get_settings()
+        ended = _exhausted(execution, settings)
+        if ended is not None:
+            _abandon(s, execution, ended)
+            return RunResult(Outcome.FAILED, error=ended)
         if execution.cancel_requested:
             _finish(s, execution.id, ExecutionStatus.CANCELLED, "cancelled", PhaseStatus.CANCELLED)
             return RunResult(Outcome.CANCELLED)
@@ -169,13 +247,24 @@ def _claim(
                 .order_by(ExecutionPhase.number, ExecutionPhase.position)
             )
         )
+        # A failure recorded in the database is final: a resumed run never skips past a
+        # failed phase (a credit refusal, a node that failed) to run the rest.
+        failed = next((p for p in phases if p.status == PhaseStatus.FAILED), None)
+        if failed is not None:
+            error = f"phase {failed.node_id} ({failed.node_type}) failed: {failed.error}"
+            _abandon(s, execution, error)
+            return RunResult(Outcome.FAILED, error=error)
+        budget = settings.EXECUTION_TIMEOUT_SECONDS
+        if execution.started_at is not None:
+            elapsed = (utcnow() - execution.started_at).total_seconds()
+            budget = min(budget, settings.EXECUTION_MAX_TOTAL_SECONDS - elapsed)
         state = RunState(
             execution_id=execution.id,
             user_id=execution.user_id,
             workflow_id=execution.workflow_id,
             owner=owner,
             lease=lease,
-            deadline=time.monotonic() + get_settings().EXECUTION_TIMEOUT_SECONDS,
+            deadline=time.monotonic() + budget,
             plan=ExecutionPlan.from_dict(version.plan),
             phases=phases,
             next_seq=log_crud.next_log_seq(session=s, execution_id=execution.id),
@@ -184,6 +273,29 @@ def _claim(
             if phase.status == PhaseStatus.COMPLETED:
                 state.outputs_by_node[phase.node_id] = phase.outputs or {}
         return state
+
+
+def _exhausted(execution: WorkflowExecution, settings: Any) -> str | None:
+    """Why a run must not be tried again (attempts or total time used up), or None.
+
+    ``attempts`` counts lease acquisitions: each delivery that took the execution. More
+    than EXECUTION_MAX_ATTEMPTS means the previous ones all ended without finishing (a
+    worker killed mid-run, the database lost): a run that kills its worker every time
+    ends here instead of being redelivered and swept forever."""
+    tries = execution.attempts - 1
+    if tries >= settings.EXECUTION_MAX_ATTEMPTS:
+        return (
+            f"execution abandoned: it crashed its worker {tries} times "
+            f"(EXECUTION_MAX_ATTEMPTS={settings.EXECUTION_MAX_ATTEMPTS})"
+        )
+    if execution.started_at is not None:
+        elapsed = (utcnow() - execution.started_at).total_seconds()
+        if elapsed >= settings.EXECUTION_MAX_TOTAL_SECONDS:
+            return (
+                f"execution timed out: unfinished {elapsed:.0f}s after its first start "
+                f"(EXECUTION_MAX_TOTAL_SECONDS={settings.EXECUTION_MAX_TOTAL_SECONDS:g})"
+            )
+    return None
 
 
 def _finish(
@@ -230,46 +342,15 @@ def _run_phases(
     ]
     previous: _GroupRun | None = None
     for group in [*groups, None]:
-        with unit_of_work(engine) as s:
-            held, cancel = renew(s, state)
-            if not held:
-                return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-            if previous is not None:
-                ended = _record_group(s, state, previous, settings)
-                if ended is not None:
-                    return ended
-            if group is None:
-                return _complete(s, state)
-            if cancel or heartbeat.cancelled.is_set():
-                return _cancel_run(s, state)
-            if state.deadline - time.monotonic() <= 0:
-                return _fail_run(s, state, _timeout_message(settings))
-            current = _GroupRun()
-            for phase in group:
-                s.add(phase)
-                try:
-                    current.inputs[phase.id] = state.plan.resolve_inputs(
-                        phase.node_id, state.outputs_by_node
-                    )
-                except FlowBuilderError as exc:  # a required input upstream did not produce
-                    phase_crud.update_phase(
-                        session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
-                    )
-                    current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
-                    break
-                current.refusal = _start_phase(
-                    s,
-                    state,
-                    phase,
-                    planned[phase.node_id],
-                    current.inputs[phase.id],
-                    current.started,
-                )
-                if current.refusal is not None:
-                    # The rest of this phase does not start; what started still runs.
-                    break
-            if current.refusal is not None and not current.started:
-                return _fail_run(s, state, current.refusal)
+        try:
+            step = _step(engine, state, heartbeat, group, previous, planned, settings)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            return _fail_on_data_error(engine, state, previous, exc)
+        if isinstance(step, RunResult):
+            return step
+        current = step
         if on_phase_started is not None:
             for phase, _node, _credential in current.started:
                 on_phase_started(phase)
@@ -278,6 +359,85 @@ def _run_phases(
         state.phases_run += len(current.started)
         previous = current
     raise AssertionError("unreachable")  # the loop always returns
+
+
+def _step(
+    engine: Engine,
+    state: RunState,
+    heartbeat: Heartbeat,
+    group: list[ExecutionPhase] | None,
+    previous: _GroupRun | None,
+    planned: dict[str, Any],
+    settings: Any,
+) -> _GroupRun | RunResult:
+    """One transaction: record ``previous``, start ``group`` (or end the run)."""
+    with unit_of_work(engine) as s:
+        held, cancel = renew(s, state)
+        if not held:
+            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+        if previous is not None:
+            ended = _record_group(s, state, previous, settings)
+            if ended is not None:
+                return ended
+        if group is None:
+            return _complete(s, state)
+        if cancel or heartbeat.cancelled.is_set():
+            return _cancel_run(s, state)
+        if state.deadline - time.monotonic() <= 0:
+            return _fail_run(s, state, _timeout_message(settings))
+        current = _GroupRun()
+        for phase in group:
+            s.add(phase)
+            try:
+                current.inputs[phase.id] = state.plan.resolve_inputs(
+                    phase.node_id, state.outputs_by_node
+                )
+            except FlowBuilderError as exc:  # a required input upstream did not produce
+                phase_crud.update_phase(
+                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+                )
+                current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+                break
+            current.refusal = _start_phase(
+                s,
+                state,
+                phase,
+                planned[phase.node_id],
+                current.inputs[phase.id],
+                current.started,
+            )
+            if current.refusal is not None:
+                # The rest of this phase does not start; what started still runs.
+                break
+        if current.refusal is not None and not current.started:
+            return _fail_run(s, state, current.refusal)
+    return current
+
+
+def _fail_on_data_error(
+    engine: Engine, state: RunState, previous: _GroupRun | None, exc: BaseException
+) -> RunResult:
+    """The database refused what a phase would store (the data, not the connection).
+
+    Retrying would fail the same way forever (and repeat the nodes' side effects), so
+    the phase whose results could not be stored fails, refunded per the policy, and so
+    does the run."""
+    reason = f"its results could not be stored ({_describe_db_error(exc)})"
+    logger.warning("phase_results_unstorable", error=_describe_db_error(exc))
+    with unit_of_work(engine) as s:
+        held, _cancel = renew(s, state)
+        if not held:
+            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+        settings = get_settings()
+        error = f"execution failed: {reason}"
+        if previous is not None and previous.started:
+            for phase, _node, _credential in previous.started:
+                s.add(phase)
+                outcome = NodeOutcome(error=reason)
+                _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
+            phase = previous.started[0][0]
+            error = f"phase {phase.node_id} ({phase.node_type}) failed: {reason}"
+        return _fail_run(s, state, error)
 
 
 _OPEN_PHASE = (PhaseStatus.CREATED, PhaseStatus.RUNNING)
@@ -307,7 +467,7 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
             first_seq=state.next_seq,
         )
         if outcome.error is None:
-            outputs = cap_outputs(outcome.outputs, settings.PHASE_OUTPUT_MAX_BYTES)
+            outputs = outcome.outputs  # made storable at the node boundary (invoke)
             phase_crud.update_phase(
                 session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
             )

@@ -42,3 +42,18 @@ class RunState:
     outputs_by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_seq: int = 1
     phases_run: int = 0
+
+
+# Exception types that mean "the worker's time limit struck" (Celery's
+# SoftTimeLimitExceeded, raised asynchronously into the running code). The platform
+# imports no Celery, so the task layer registers them (register_time_limit_error).
+_TIME_LIMIT_ERRORS: list[type[BaseException]] = []
+
+
+def register_time_limit_error(exc_type: type[BaseException]) -> None:
+    if exc_type not in _TIME_LIMIT_ERRORS:
+        _TIME_LIMIT_ERRORS.append(exc_type)
+
+
+def is_time_limit(exc: BaseException) -> bool:
+    return isinstance(exc, tuple(_TIME_LIMIT_ERRORS))
