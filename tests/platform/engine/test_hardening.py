@@ -216,7 +216,7 @@ def test_data_error_at_write_fails_the_run_not_retried(engine, session: Session,
     real = run_module._record_group
 
     def record_then_refuse(s, state, run, settings):
-        ended = real(s, state, run, settings)
+        real(s, state, run, settings)
         raise sa.exc.DataError("UPDATE ...", {}, ValueError("unsupported Unicode escape"))
 
     monkeypatch.setattr(run_module, "_record_group", record_then_refuse)
