@@ -14,6 +14,10 @@ import math
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+# A stored document (a definition, execution inputs) nests at most this deep: static
+# inputs nest up to 64 levels (definitions.MAX_INPUT_DEPTH), plus the document's own
+# structure. Checked iteratively before anything recursive walks it.
+MAX_DOCUMENT_DEPTH = 80
 
 
 class Unstorable(ValueError):
@@ -77,7 +81,7 @@ def make_storable(value: Any, *, max_depth: int, repair: bool) -> Any:
         elif isinstance(item, float):
             if not math.isfinite(item):
                 if not repair:
-                    raise Unstorable(path, f"{item} is not a JSON number")
+                    raise Unstorable(path, f"not JSON serialisable ({item} is not a JSON number)")
                 item = None
             container[slot] = item
         elif isinstance(item, dict | list | tuple):
@@ -103,7 +107,7 @@ def make_storable(value: Any, *, max_depth: int, repair: bool) -> Any:
             container[slot] = copy
         else:
             if not repair:
-                raise Unstorable(path, f"a {type(item).__name__} is not a JSON value")
+                raise Unstorable(path, f"not JSON serialisable ({type(item).__name__})")
             container[slot] = clean_string(str(item))
     return root[0]
 

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DataError
 from sqlmodel import Session
 
 from flowbuilder.platform.crud import (
@@ -21,10 +22,17 @@ from flowbuilder.platform.crud import (
     user_crud,
     workflow_crud,
 )
+from flowbuilder.platform.crud._sql import data_error_message
 from flowbuilder.platform.errors import (
     Conflict,
     InsufficientCredits,
     ValidationFailed,
+)
+from flowbuilder.platform.jsonvalues import (
+    MAX_DOCUMENT_DEPTH,
+    Unstorable,
+    bad_string_reason,
+    make_storable,
 )
 from flowbuilder.platform.models import (
     ExecutionStatus,
@@ -60,6 +68,10 @@ def prepare_execution(
 
     settings = get_settings()
     _check_inputs(inputs, settings.MAX_DEFINITION_BYTES)
+    if correlation_id is not None and (
+        len(correlation_id) > 100 or bad_string_reason(correlation_id) or not correlation_id
+    ):
+        raise ValidationFailed(["correlation_id: 1 to 100 storable characters"])
     workflow = workflow_crud.get_workflow_by_id_and_user(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
@@ -76,6 +88,8 @@ def prepare_execution(
     plan = ExecutionPlan.from_dict(version.plan)
 
     user = user_crud.get_user(session=session, user_id=user_id)
+    if user.is_guest and not user_crud.has_active_guest_session(session=session, user_id=user_id):
+        raise Conflict(f"guest {user_id}: the guest session has expired; start a new one")
     limit = settings.RATE_LIMIT_GUEST if user.is_guest else settings.RATE_LIMIT_USER
     rate_limit_crud.hit(
         session=session,
@@ -98,6 +112,12 @@ def prepare_execution(
     )
     execution.enqueued_at = utcnow()
     phase_crud.create_phases(session=session, execution=execution, planned=plan.nodes)
+    try:
+        session.flush()
+    except DataError as exc:
+        # Checked above, so this is a gap in the checks; still the caller's input, and
+        # never a raw driver error. The caller's unit of work rolls back: nothing recorded.
+        raise ValidationFailed([data_error_message(exc)]) from exc
     logger.info(
         "execution_prepared",
         execution_id=str(execution.id),
@@ -116,7 +136,13 @@ def _check_inputs(inputs: Any, max_bytes: int) -> None:
     if not isinstance(inputs, dict):
         raise ValidationFailed([f"inputs: must be a JSON object, got {type(inputs).__name__}"])
     try:
+        # One iterative pass: NUL, lone surrogates, NaN/Infinity, non-JSON values and
+        # absurd nesting are refused by name (json.dumps alone would recurse, and accept
+        # what PostgreSQL then refuses).
+        make_storable(inputs, max_depth=MAX_DOCUMENT_DEPTH, repair=False)
         size = len(json.dumps(inputs, allow_nan=False))
+    except Unstorable as exc:
+        raise ValidationFailed([f"inputs: {exc}"]) from None
     except (TypeError, ValueError) as exc:
         raise ValidationFailed([f"inputs: not JSON serialisable ({exc})"]) from None
     if size > max_bytes:
