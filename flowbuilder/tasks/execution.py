@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
@@ -19,12 +20,17 @@ from sqlmodel import Session
 from flowbuilder.platform import engine
 from flowbuilder.platform.crud import execution_crud
 from flowbuilder.platform.db import unit_of_work
+from flowbuilder.platform.engine.state import register_time_limit_error
 from flowbuilder.platform.errors import TransientError
 from flowbuilder.platform.models import TriggerType, WorkflowExecution, utcnow
 from flowbuilder.platform.settings import get_settings
 from flowbuilder.tasks.app import CORRELATION_HEADER, app
 
 logger = structlog.get_logger(__name__)
+
+# A soft time limit is raised asynchronously into whatever the run is doing; the engine
+# (which imports no Celery) reports it as a timeout, not as a node's internal error.
+register_time_limit_error(SoftTimeLimitExceeded)
 
 _PENDING_SENDS = "flowbuilder.pending_sends"
 
@@ -62,7 +68,20 @@ def execute_workflow(self: Task, execution_id: str) -> str:
     if result.outcome == engine.Outcome.LEASE_HELD:
         # Another delivery is running it right now. Come back when its lease would have
         # lapsed: if that worker died, we take over; if it finished, this is a no-op.
-        raise self.retry(countdown=result.retry_after + 0.5, max_retries=None)
+        # A fresh message, not self.retry(): retry() shares its counter (and max_retries)
+        # with the database-error retries above, so a long run with a duplicate delivery
+        # would end in MaxRetriesExceededError. This is bounded all the same, by the
+        # execution itself: the holder's run ends (time limits), or it dies and its lease
+        # lapses, and the engine stops asking us back (retry_after == 0) once the run is
+        # older than EXECUTION_MAX_TOTAL_SECONDS; attempts then end it (EXECUTION_MAX_ATTEMPTS).
+        if result.retry_after <= 0:
+            logger.info("execute_workflow_duplicate_dropped")
+            return result.outcome.value
+        headers = getattr(self.request, "headers", None) or {}
+        correlation = headers.get(CORRELATION_HEADER) or getattr(
+            self.request, CORRELATION_HEADER, None
+        )
+        send_execution(exec_id, correlation, countdown=result.retry_after + 0.5)
     return result.outcome.value
 
 
@@ -87,9 +106,20 @@ def sweep_stale_executions(self: Task, limit: int = 100) -> int:
 # ----------------------------------------------------------------------------- enqueue
 
 
-def send_execution(execution_id: uuid.UUID, correlation_id: str | None = None) -> None:
+def send_execution(
+    execution_id: uuid.UUID, correlation_id: str | None = None, *, countdown: float | None = None
+) -> None:
     headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
-    execute_workflow.apply_async(args=[str(execution_id)], headers=headers)
+    # No time limits in the message: apply_async would stamp the sender's
+    # task_time_limit/task_soft_time_limit (the API's settings) into a ``timelimit``
+    # header, which the worker obeys over its own. The worker's configuration decides.
+    execute_workflow.apply_async(
+        args=[str(execution_id)],
+        headers=headers,
+        countdown=countdown,
+        time_limit=None,
+        soft_time_limit=None,
+    )
 
 
 def send_after_commit(

@@ -212,6 +212,11 @@ def _claim(
             remaining = lease
             if execution.lease_expires_at is not None:
                 remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
+            if execution.started_at is not None:
+                elapsed = (utcnow() - execution.started_at).total_seconds()
+                if elapsed > get_settings().EXECUTION_MAX_TOTAL_SECONDS + 2 * lease:
+                    # Past every run's bound: do not come back (see _exhausted).
+                    remaining = 0.0
             return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
         s.refresh(execution)
         settings = get_settings()
