@@ -88,15 +88,23 @@ def execute_workflow(self: Task, execution_id: str) -> str:
 @app.task(bind=True, base=ExecutionTask, name="flowbuilder.sweep_stale_executions")
 def sweep_stale_executions(self: Task, limit: int = 100) -> int:
     """Re-send executions whose message may be lost (send failed after commit, or the
-    worker died and its message reached the dead-letter queue)."""
+    worker died and its message reached the dead-letter queue).
+
+    Only what is due (``resend_after`` passed), at most ``limit`` per sweep, and each
+    re-send pushes the next one a visibility window further: a backlog is never flooded
+    (a copy per run per window at most; a duplicate is a no-op for the engine)."""
     settings = get_settings()
-    threshold = utcnow() - timedelta(seconds=settings.SWEEP_PENDING_AFTER_SECONDS)
+    now = utcnow()
+    window = settings.SQS_VISIBILITY_TIMEOUT + settings.SWEEP_PENDING_AFTER_SECONDS
     with unit_of_work() as session:
         stale = execution_crud.find_stale_executions(
-            session=session, pending_before=threshold, limit=limit
+            session=session,
+            now=now,
+            lapsed_before=now - timedelta(seconds=settings.SWEEP_PENDING_AFTER_SECONDS),
+            limit=limit,
         )
         for execution in stale:
-            execution.enqueued_at = utcnow()
+            execution_crud.mark_sent(execution=execution, resend_after_seconds=window, now=now)
             send_after_commit(session, execution.id, execution.correlation_id)
     if stale:
         logger.info("stale_executions_resent", count=len(stale))

@@ -48,7 +48,7 @@ def test_beat_on_redis_sweeps_a_lost_execution(
     pg_session.commit()
     # Recorded but never sent, as when the broker was down at commit time.
     execution = prepare_execution(session=pg_session, workflow_id=wf.id, user_id=user.id)
-    execution.enqueued_at = utcnow().replace(year=2000)
+    execution.resend_after = utcnow().replace(year=2000)
     pg_session.commit()
 
     log = open(tmp_path / "beat.log", "wb")  # noqa: SIM115 - closed below

@@ -19,6 +19,7 @@ from flowbuilder.platform.engine import Outcome, prepare_execution, run_executio
 from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution, utcnow
 from flowbuilder.platform.nodes import register_node_type, unregister_node_type
 from flowbuilder.platform.nodes.base import NodeType, PortSpec
+from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks import execution as tasks_execution
 from flowbuilder.tasks.app import EXECUTIONS_QUEUE, app, queue_name
 from tests.factories import json_definition, make_user, make_workflow
@@ -150,3 +151,35 @@ def test_lease_held_duplicate_of_an_overdue_run_is_dropped(
     outcome = tasks_execution.execute_workflow.apply(args=[str(ex.id)])
     assert outcome.get() == Outcome.LEASE_HELD.value
     assert _drain(worker_settings) == []
+
+
+def test_sweep_with_a_backlog_does_not_multiply_messages(
+    worker_settings: Any, pg_session: Session
+) -> None:
+    """50 runs waiting in a backlog (no worker), swept over and over: each is re-sent at
+    most once per window, never once per sweep."""
+    from flowbuilder.tasks import enqueue_execution, sweep_stale_executions
+
+    _drain(worker_settings)
+    user = make_user(pg_session, credits=1000)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    with override_settings(RATE_LIMIT_USER=1000):
+        for _ in range(50):
+            enqueue_execution(pg_session, wf.id, user.id)
+            pg_session.commit()
+    # Not due yet: nothing re-sent.
+    assert sweep_stale_executions.apply().get() == 0
+    # Sweep over and over for longer than it takes every run to become due (2 s) but
+    # less than the re-send window (visibility 8 s + 2 s): each run is re-sent once, in
+    # bounded batches.
+    import time
+
+    counts: list[int] = []
+    end = time.monotonic() + worker_settings.SWEEP_PENDING_AFTER_SECONDS + 4
+    while time.monotonic() < end:
+        counts.append(sweep_stale_executions.apply(kwargs={"limit": 20}).get())
+        time.sleep(0.2)
+    assert sum(counts) == 50 and max(counts) <= 20 and counts[-1] == 0
+    messages = _drain(worker_settings)
+    assert len(messages) == 100  # the 50 sends and 50 re-sends: no more

@@ -40,7 +40,6 @@ from flowbuilder.platform.models import (
     TriggerType,
     WorkflowExecution,
     WorkflowStatus,
-    utcnow,
 )
 from flowbuilder.platform.settings import get_settings
 
@@ -110,7 +109,10 @@ def prepare_execution(
         inputs=inputs,
         correlation_id=correlation_id,
     )
-    execution.enqueued_at = utcnow()
+    # Sent after commit; the sweep re-sends it if it is still pending this much later.
+    execution_crud.mark_sent(
+        execution=execution, resend_after_seconds=settings.SWEEP_PENDING_AFTER_SECONDS
+    )
     phase_crud.create_phases(session=session, execution=execution, planned=plan.nodes)
     try:
         session.flush()

@@ -326,9 +326,7 @@ def test_exhausted_attempts_end_failed_with_reason(engine, session: Session) -> 
     _books_balance(session, user2.id)
     # the sweep has nothing to revive: the run is terminal
     with unit_of_work(engine) as s:
-        stale = execution_crud.find_stale_executions(
-            session=s, pending_before=utcnow() + timedelta(days=1)
-        )
+        stale = execution_crud.find_stale_executions(session=s, now=utcnow() + timedelta(days=1))
     assert ex2.id not in {e.id for e in stale}
 
 
