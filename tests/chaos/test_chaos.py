@@ -175,7 +175,11 @@ def test_poison_messages(pool, worker_settings, pg_session, sweeper) -> None:
     p.spawn()
     p.spawn()
     row = ScenarioRow("poison messages + crash loop", faults=4)
-    current = check_invariants(row, pg_session, worker_settings, normal + crashing, p, timeout=180)
+    # The unknown task is left for the dead-letter queue (never deleted unseen: in a
+    # rolling deploy a newer worker may know it); everything else is consumed.
+    current = check_invariants(
+        row, pg_session, worker_settings, normal + crashing, p, timeout=180, dlq_expected=1
+    )
     row.faults += p.respawned
     assert _completed(current) == len(normal)
     failed = current[crashing[0]]
@@ -190,14 +194,23 @@ def test_undecodable_message(pool, worker_settings, pg_session, sweeper) -> None
     ids = _enqueue(pg_session, _delays(0.1), 3)
     url = queue_url(worker_settings)
     sqs.send_message(url, "!!! not base64 \x01 {{{")
+    sqs.send_message(url, "abcde")  # bad padding: binascii.Error inside kombu
     p = pool()
     p.spawn()
     p.spawn()
-    row = ScenarioRow("undecodable body", faults=1)
+    row = ScenarioRow("undecodable body", faults=2)
     try:
         # Not supervised: a worker killed by a message stays dead (that is the defect).
+        # Dead-lettered (kept for inspection) or deleted as undecodable: either is right.
         check_invariants(
-            row, pg_session, worker_settings, ids, p, timeout=60, supervise=False, dlq_expected=0
+            row,
+            pg_session,
+            worker_settings,
+            ids,
+            p,
+            timeout=60,
+            supervise=False,
+            dlq_expected=(0, 1, 2),
         )
     except AssertionError as exc:
         pytest.xfail(f"fixed on the nodes branch: {exc}")
