@@ -24,7 +24,8 @@ class Unstorable(ValueError):
     """A value the database cannot store, with a path naming where."""
 
     def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path or '(root)'}: {problem}")
+        shown = path if len(path) <= 120 else f"{path[:60]}...{path[-40:]}"
+        super().__init__(f"{shown or '(root)'}: {problem}")
         self.path, self.problem = path, problem
 
 

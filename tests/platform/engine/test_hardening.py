@@ -360,3 +360,35 @@ def test_unexpected_engine_error_ends_the_run(engine, session: Session, monkeypa
     assert ex.status == ExecutionStatus.FAILED and "RecursionError" in ex.error
     assert balance_crud.get_balance(session=session, user_id=user.id) == 10
     _books_balance(session, user.id)
+
+
+def test_deep_property_path_ends_the_run(engine, session: Session) -> None:
+    """add_property_to_json with a 2,000-segment path builds a 2,000-deep value: the run
+    ends failed with a clear reason (or the definition is refused), never stuck."""
+    from flowbuilder.platform.errors import ValidationFailed
+
+    path = ".".join(["a"] * 2000)
+    definition = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "deep",
+                "type": "add_property_to_json",
+                "inputs": {"json": {}, "property_path": path, "value": 1},
+            },
+            {"id": "next", "type": "test_echo", "inputs": {}},
+        ],
+        "edges": [
+            {"source": "deep", "sourceHandle": "json", "target": "next", "targetHandle": "value"}
+        ],
+    }
+    try:
+        user, ex = _prepare(session, definition, credits=10)
+    except ValidationFailed:
+        return  # refused up front: nothing to run
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.FAILED
+    ex = _reload(session, ex.id)
+    assert ex.status == ExecutionStatus.FAILED and ex.error
+    assert "RecursionError" not in ex.error
+    _books_balance(session, user.id)
