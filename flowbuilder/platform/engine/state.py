@@ -23,6 +23,8 @@ class Outcome(StrEnum):
 @dataclass
 class RunResult:
     outcome: Outcome
+    # LEASE_HELD: come back after this many seconds (when the holder's lease would lapse);
+    # 0 means do not come back (the run is past every bound; attempts end it).
     retry_after: float = 0.0
     phases_run: int = 0
     credits: int = 0
