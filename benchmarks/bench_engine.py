@@ -8,7 +8,7 @@ absolute thresholds (machines differ; ratios move much less):
 - **baseline**: the same N-node workflow (a chain of ``add_property_to_json`` nodes, one
   node per phase) run by calling each node type's ``invoke`` directly, with the plan's
   input resolution between nodes: the pure work, no database.
-- **engine**: ``runner.run_execution`` of a prepared execution of that workflow (lease,
+- **engine**: ``run_execution`` of a prepared execution of that workflow (lease,
   per-phase checkpoints, debits, log batches, the final status), on the embedded SQLite
   default (a temp file) and on PostgreSQL when one is reachable (a throwaway database).
 - **statements per phase**: SQL statements (``before_cursor_execute``) and commits per
@@ -39,9 +39,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
-from flowbuilder.platform import db, models, runner
+from flowbuilder.platform import db, models
 from flowbuilder.platform.crud import balance_crud, user_crud, workflow_crud
 from flowbuilder.platform.definitions import validate_definition
+from flowbuilder.platform.engine import Outcome, prepare_execution, run_execution
 from flowbuilder.platform.nodes import get_node_type
 from flowbuilder.platform.nodes.base import NodeContext
 from flowbuilder.platform.plan import build_plan
@@ -155,7 +156,7 @@ def _prepare(session: Session, phases: int, definition: dict[str, Any] | None = 
     session.flush()
     workflow_crud.publish_workflow(session=session, workflow_id=workflow.id, user_id=user.id)
     session.commit()
-    execution = runner.prepare_execution(session=session, workflow_id=workflow.id, user_id=user.id)
+    execution = prepare_execution(session=session, workflow_id=workflow.id, user_id=user.id)
     session.commit()
     return execution.id
 
@@ -165,16 +166,16 @@ def _run_once(engine: sa.Engine, session: Session, phases: int) -> tuple[float, 
     execution_id = _prepare(session, phases)
     with _StatementCounter(engine) as counter:
         started = time.perf_counter()
-        result = runner.run_execution(execution_id)
+        result = run_execution(execution_id)
         seconds = time.perf_counter() - started
-    if result.outcome != runner.Outcome.COMPLETED or result.phases_run != phases:
+    if result.outcome != Outcome.COMPLETED or result.phases_run != phases:
         raise RuntimeError(f"benchmark run did not complete: {result}")
     return seconds, counter.statements, counter.commits
 
 
 @contextlib.contextmanager
 def _database(url: str, home: Path) -> Iterator[sa.Engine]:
-    """Settings pointing at ``url`` (schema created) and the engine the runner will use."""
+    """Settings pointing at ``url`` (schema created) and the engine run_execution will use."""
     with override_settings(DATABASE_URL=url, FLOWBUILDER_HOME=home, RATE_LIMIT_USER=1_000_000):
         db.reset_engines()
         engine = db.get_engine()
@@ -243,9 +244,9 @@ def measure_concurrency(width: int = 4, seconds: float = 0.1, repetitions: int =
             for _ in range(max(1, repetitions)):
                 execution_id = _prepare(session, width, definition)
                 started = time.perf_counter()
-                result = runner.run_execution(execution_id)
+                result = run_execution(execution_id)
                 timings.append(time.perf_counter() - started)
-                if result.outcome != runner.Outcome.COMPLETED:
+                if result.outcome != Outcome.COMPLETED:
                     raise RuntimeError(f"concurrency run did not complete: {result}")
     sequential = width * seconds
     engine_seconds = statistics.median(timings)

@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     LEASE_SECONDS: float = Field(default=60, gt=0)
     SWEEP_PENDING_AFTER_SECONDS: float = Field(default=300, gt=0)
     PHASE_OUTPUT_MAX_BYTES: int = Field(default=256 * 1024, ge=1024)
+    # Node outputs nested deeper than this fail the node (nothing downstream could use
+    # them, and deep values crash recursive encoders).
+    PHASE_OUTPUT_MAX_DEPTH: int = Field(default=64, ge=2, le=500)
+    # Every run ends: an execution whose run was interrupted (worker crash, database
+    # loss) this many times ends failed, and so does one still unfinished this long
+    # after its first start (redeliveries included).
+    EXECUTION_MAX_ATTEMPTS: int = Field(default=5, ge=1, le=100)
+    EXECUTION_MAX_TOTAL_SECONDS: float = Field(default=3 * 3600, gt=0)
     # Refund the credits of a phase whose node failed (the user paid for nothing).
     REFUND_FAILED_PHASES: bool = True
     RATE_LIMIT_WINDOW_SECONDS: int = Field(default=60, ge=1)
@@ -166,6 +174,10 @@ class Settings(BaseSettings):
         if self.SQS_VISIBILITY_TIMEOUT <= self.EXECUTION_TIMEOUT_SECONDS:
             raise ValueError(
                 "SQS_VISIBILITY_TIMEOUT must be greater than EXECUTION_TIMEOUT_SECONDS"
+            )
+        if self.EXECUTION_MAX_TOTAL_SECONDS < self.EXECUTION_TIMEOUT_SECONDS:
+            raise ValueError(
+                "EXECUTION_MAX_TOTAL_SECONDS must be at least EXECUTION_TIMEOUT_SECONDS"
             )
         return self
 

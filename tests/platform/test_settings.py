@@ -135,6 +135,12 @@ def test_broker_url_is_used_when_set(clean_env: Path, monkeypatch: pytest.Monkey
             {"SQS_VISIBILITY_TIMEOUT": "900", "EXECUTION_TIMEOUT_SECONDS": "900"},
             "SQS_VISIBILITY_TIMEOUT",
         ),
+        (
+            {"EXECUTION_MAX_TOTAL_SECONDS": "60", "EXECUTION_TIMEOUT_SECONDS": "120"},
+            "EXECUTION_MAX_TOTAL_SECONDS",
+        ),
+        ({"EXECUTION_MAX_ATTEMPTS": "0"}, "EXECUTION_MAX_ATTEMPTS"),
+        ({"PHASE_OUTPUT_MAX_DEPTH": "1"}, "PHASE_OUTPUT_MAX_DEPTH"),
         ({"SECRET_ENCRYPTION_PASSWORD": "changeme"}, "SECRET_ENCRYPTION_PASSWORD"),
         ({"SECRET_ENCRYPTION_SALT": "Password"}, "SECRET_ENCRYPTION_SALT"),
     ],

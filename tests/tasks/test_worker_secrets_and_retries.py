@@ -26,8 +26,9 @@ import sqlalchemy as sa
 from celery.exceptions import Retry
 from sqlmodel import Session, SQLModel, select
 
-from flowbuilder.platform import db, runner, sqs
+from flowbuilder.platform import db, sqs
 from flowbuilder.platform.crud import balance_crud, credentials_crud, log_crud, phase_crud
+from flowbuilder.platform.engine import prepare_execution
 from flowbuilder.platform.models import (
     BalanceTransaction,
     ExecutionStatus,
@@ -346,7 +347,7 @@ def _prepared(session: Session, steps: int = 3) -> tuple[Any, WorkflowExecution]
     user = make_user(session, credits=10)
     wf = make_workflow(session, user, definition=json_definition(steps), publish=True)
     session.commit()
-    ex = runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
     session.commit()
     return user, ex
 

@@ -61,6 +61,16 @@ def create_guest(*, session: Session, ttl_seconds: int | None = None) -> tuple[U
     return user, token
 
 
+def has_active_guest_session(*, session: Session, user_id: uuid.UUID) -> bool:
+    """Whether the guest still has an unexpired session (guests have no other login)."""
+    found = session.exec(
+        select(GuestSession.id)
+        .where(GuestSession.user_id == user_id, GuestSession.expires_at > utcnow())
+        .limit(1)
+    ).first()
+    return found is not None
+
+
 def resolve_guest_token(*, session: Session, token: str) -> User:
     """The guest user of an unexpired session token; NotFound otherwise."""
     stmt = (

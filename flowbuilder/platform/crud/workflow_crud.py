@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from flowbuilder.platform.cron import check_schedule, get_next_run_date
 from flowbuilder.platform.crud._sql import conflict_on_duplicate
-from flowbuilder.platform.errors import Conflict, NotFound
+from flowbuilder.platform.errors import Conflict, NotFound, ValidationFailed
 from flowbuilder.platform.models import (
     Credential,
     Workflow,
@@ -26,10 +27,28 @@ def create_workflow(*, session: Session, user_id: uuid.UUID, data: WorkflowCreat
     """Create a draft workflow. Drafts may be incomplete; publishing validates."""
     if data.cron:
         check_schedule(data.cron, data.timezone)
+    _check_storable(data.model_dump())
     workflow = Workflow.model_validate(data, update={"user_id": user_id})
     with conflict_on_duplicate(session, f"a workflow named {data.name!r} already exists"):
         session.add(workflow)
     return workflow
+
+
+def _check_storable(fields: dict[str, Any]) -> None:
+    """Drafts are stored before they are ever validated: refuse what the database cannot
+    store (NUL, lone surrogates, NaN/Infinity, absurd nesting) with ValidationFailed
+    naming it, instead of a raw DataError at commit."""
+    from flowbuilder.platform.definitions import storability_problem
+
+    problems = []
+    for name, value in fields.items():
+        if isinstance(value, str | dict | list):
+            problem = storability_problem(value)
+            if problem is not None:
+                path = f"{name}.{problem.path}" if problem.path else name
+                problems.append(f"{path}: {problem.message}")
+    if problems:
+        raise ValidationFailed(problems, what="workflow")
 
 
 def get_workflow_by_id_and_user(
@@ -74,6 +93,7 @@ def update_workflow(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
     changes = data.model_dump(exclude_unset=True)
+    _check_storable(changes)
     if changes.get("status") == WorkflowStatus.PUBLISHED and workflow.published_version == 0:
         raise Conflict(f"workflow {workflow_id} has no published version; publish it first")
     cron = changes.get("cron", workflow.cron)

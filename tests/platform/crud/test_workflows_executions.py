@@ -266,15 +266,27 @@ def test_lease_exclusive_until_expiry(session: Session) -> None:
 
 def test_stale_executions_found_for_the_sweep(session: Session) -> None:
     user = make_user(session)
-    old = _execution(session, user)
-    old.enqueued_at = utcnow() - timedelta(minutes=10)
-    fresh = _execution(session, user)
-    fresh.enqueued_at = utcnow()
+    now = utcnow()
+    due = _execution(session, user)
+    execution_crud.mark_sent(execution=due, resend_after_seconds=-60, now=now)
+    later = _execution(session, user)
+    execution_crud.mark_sent(execution=later, resend_after_seconds=60, now=now)
+    # running, due, but its lease is live (a healthy long run): not lost
+    live = _execution(session, user)
+    execution_crud.mark_sent(execution=live, resend_after_seconds=-60, now=now)
+    live.status, live.lease_owner = ExecutionStatus.RUNNING, "w"
+    live.lease_expires_at = now + timedelta(seconds=30)
+    # running, due, lease lapsed long ago (its worker died): lost
+    dead = _execution(session, user)
+    execution_crud.mark_sent(execution=dead, resend_after_seconds=-30, now=now)
+    dead.status, dead.lease_owner = ExecutionStatus.RUNNING, "w"
+    dead.lease_expires_at = now - timedelta(minutes=10)
     session.commit()
     stale = execution_crud.find_stale_executions(
-        session=session, pending_before=utcnow() - timedelta(minutes=5)
+        session=session, now=now, lapsed_before=now - timedelta(minutes=5)
     )
-    assert [e.id for e in stale] == [old.id]
+    assert [e.id for e in stale] == [due.id, dead.id]
+    assert execution_crud.find_stale_executions(session=session, now=now, limit=1) == [due]
 
 
 # ------------------------------------------------------------------------------ phases and logs
