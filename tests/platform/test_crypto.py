@@ -66,7 +66,7 @@ def test_secretstr_is_accepted() -> None:
 def test_token_format_carries_version_and_key_id() -> None:
     token = _token()
     version, key_id, body = token.split(":")
-    assert version == crypto.FORMAT_VERSION == "v1"
+    assert version == crypto.UNBOUND_VERSION == "v1"  # no binding given
     assert key_id == crypto.current_key_id() == DatabaseSecretManager().key_id
     assert len(key_id) == 16 and int(key_id, 16) >= 0
     assert crypto.token_key_id(token) == key_id
@@ -166,11 +166,11 @@ def test_truncated_token() -> None:
 @pytest.mark.parametrize(
     ("token", "words"),
     [
-        ("", "expected 'v1:<key id>:<data>'"),
-        ("not a token", "expected 'v1:<key id>:<data>'"),
-        ("v1:abc", "expected 'v1:<key id>:<data>'"),
-        ("v1:0123456789abcdef:AAAA:extra", "expected 'v1:<key id>:<data>'"),
-        ("v2:0123456789abcdef:AAAA", "unsupported format version"),
+        ("", "expected 'v2:<key id>:<data>'"),
+        ("not a token", "expected 'v2:<key id>:<data>'"),
+        ("v1:abc", "expected 'v2:<key id>:<data>'"),
+        ("v1:0123456789abcdef:AAAA:extra", "expected 'v2:<key id>:<data>'"),
+        ("v3:0123456789abcdef:AAAA", "unsupported format version"),
         ("v1:0123456789ABCDEF:AAAA", "key id must be 16 lowercase hex"),
         ("v1:0123:AAAA", "key id must be 16 lowercase hex"),
         ("v1:0123456789abcdef:not base64!", "not valid base64url"),
