@@ -250,7 +250,7 @@ def test_resolve_wraps_an_undecryptable_db_secret(session: Session) -> None:
     user = make_user(session)
     credential = _create(session, user.id)
     row = session.get(DatabaseSecret, uuid.UUID(credential.secret_ref[3:]))
-    row.encrypted_value = row.encrypted_value.replace("v1:", "v9:")
+    row.encrypted_value = row.encrypted_value.replace("v2:", "v9:")
     session.flush()
     with pytest.raises(SecretError, match="unsupported format version"):
         credentials_crud.resolve_credential_value(

@@ -16,8 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from flowbuilder.platform import crypto, db, secrets
-from flowbuilder.platform.crud import db_secret_crud
+from flowbuilder.platform import crypto, db, db_secrets, secrets
 from flowbuilder.platform.crypto import DatabaseSecretManager
 from flowbuilder.platform.errors import Conflict, NotFound, SecretError, ValidationFailed
 from flowbuilder.platform.models import DatabaseSecret
@@ -155,15 +154,14 @@ def test_db_secret_that_cannot_be_decrypted_raises_secret_error(session: Session
 
 def test_db_crud_scoping(session: Session) -> None:
     owner, other = make_user(session), make_user(session)
-    row = db_secret_crud.create_db_secret(session=session, user_id=owner.id, name="n", value="v")
-    assert db_secret_crud.get_db_secret(session=session, secret_id=row.id, user_id=owner.id) is row
+    row = db_secrets.create_db_secret(session=session, user_id=owner.id, name="n", value="v")
+    assert db_secrets.get_db_secret(session=session, secret_id=row.id, user_id=owner.id) is row
     with pytest.raises(NotFound, match=f"secret {row.id} not found"):
-        db_secret_crud.get_db_secret(session=session, secret_id=row.id, user_id=other.id)
+        db_secrets.get_db_secret(session=session, secret_id=row.id, user_id=other.id)
     with pytest.raises(NotFound):
-        db_secret_crud.delete_db_secret(session=session, secret_id=row.id, user_id=other.id)
+        db_secrets.delete_db_secret(session=session, secret_id=row.id, user_id=other.id)
     assert (
-        db_secret_crud.read_db_secret_value(session=session, secret_id=row.id, user_id=owner.id)
-        == "v"
+        db_secrets.read_db_secret_value(session=session, secret_id=row.id, user_id=owner.id) == "v"
     )
 
 
@@ -286,7 +284,7 @@ def _seed(session: Session, count: int, manager: DatabaseSecretManager) -> dict[
     for i in range(count):
         user = users[i % 2]
         value = f"value-{i}-{uuid.uuid4().hex}"
-        row = db_secret_crud.create_db_secret(
+        row = db_secrets.create_db_secret(
             session=session, user_id=user.id, name=f"s{i}", value=value, manager=manager
         )
         refs[f"db:{row.id}|{user.id}"] = value
@@ -357,14 +355,14 @@ def test_rotation_with_explicit_keys(session: Session, engine: sa.Engine) -> Non
 def test_rotation_reports_and_skips_undecryptable_rows(session: Session, engine: sa.Engine) -> None:
     refs = _seed(session, 5, DatabaseSecretManager())
     user = make_user(session)
-    stray = db_secret_crud.create_db_secret(
+    stray = db_secrets.create_db_secret(
         session=session,
         user_id=user.id,
         name="stray",
         value="encrypted with a key nobody has",
         manager=DatabaseSecretManager(*STRAY, old_password=""),
     )
-    tampered = db_secret_crud.create_db_secret(
+    tampered = db_secrets.create_db_secret(
         session=session, user_id=user.id, name="tampered", value="will be altered"
     )
     tampered.encrypted_value = tampered.encrypted_value[:-6] + "AAAAAA"
