@@ -480,3 +480,182 @@ def test_rotation_skips_rows_locked_by_another_transaction(
 def test_rotation_rejects_a_bad_batch_size(engine: sa.Engine) -> None:
     with pytest.raises(ValidationFailed, match="batch_size"):
         secrets.rotate_database_key(_uow(engine), batch_size=0)
+
+
+# --- binding: a ciphertext belongs to its row and owner (issue 11, item 1) ----------------------
+
+
+def _row(session: Session, ref: str) -> DatabaseSecret:
+    row = session.get(DatabaseSecret, uuid.UUID(ref[3:]))
+    assert row is not None
+    return row
+
+
+def _plant_v1(session: Session, user_id: uuid.UUID, name: str, value: str) -> str:
+    """A row as written before binding: the unbound v1 format."""
+    manager = DatabaseSecretManager()
+    row = DatabaseSecret(
+        user_id=user_id,
+        name=name,
+        encrypted_value=manager.encrypt_secret(value),
+        key_id=manager.key_id,
+    )
+    assert row.encrypted_value.startswith("v1:")
+    session.add(row)
+    session.flush()
+    return f"db:{row.id}"
+
+
+def test_db_writes_are_bound(session: Session) -> None:
+    user = make_user(session)
+    ref = secrets.create_secret(session, "k", "bound-value", user.id)
+    token = _row(session, ref).encrypted_value
+    assert crypto.token_version(token) == crypto.FORMAT_VERSION == "v2"
+    # Without its binding (or with another one) the token does not decrypt.
+    with pytest.raises(SecretError, match="bound"):
+        DatabaseSecretManager().decrypt_secret(token)
+    other = crypto.Binding(secret_id=uuid.uuid4(), owner_id=user.id)
+    with pytest.raises(SecretError, match="failed authentication"):
+        DatabaseSecretManager().decrypt_secret(token, bound_to=other)
+
+
+def test_ciphertext_moved_to_another_users_row_fails(session: Session) -> None:
+    """Issue 11: copying Bob's encrypted_value into Alice's row must not give Alice Bob's value."""
+    alice, bob = make_user(session), make_user(session)
+    alice_ref = secrets.create_secret(session, "token", "alice-token-value", alice.id)
+    bob_ref = secrets.create_secret(session, "token", "bob-token-value", bob.id)
+    session.commit()
+    alice_row, bob_row = _row(session, alice_ref), _row(session, bob_ref)
+    alice_row.encrypted_value, alice_row.key_id = bob_row.encrypted_value, bob_row.key_id
+    session.commit()
+    with pytest.raises(SecretError, match="failed authentication") as info:
+        secrets.retrieve_secret(alice_ref, session, alice.id)
+    assert "bob-token-value" not in str(info.value)
+    assert secrets.retrieve_secret(bob_ref, session, bob.id) == "bob-token-value"
+
+
+def test_ciphertext_moved_between_rows_of_one_user_fails(session: Session) -> None:
+    user = make_user(session)
+    first = secrets.create_secret(session, "first", "first-value", user.id)
+    second = secrets.create_secret(session, "second", "second-value", user.id)
+    _row(session, second).encrypted_value = _row(session, first).encrypted_value
+    session.flush()
+    with pytest.raises(SecretError, match="failed authentication"):
+        secrets.retrieve_secret(second, session, user.id)
+
+
+def test_ciphertext_moved_with_its_owner_changed_fails(session: Session) -> None:
+    """Re-pointing a row at another owner breaks it too (the owner is in the binding)."""
+    owner, thief = make_user(session), make_user(session)
+    ref = secrets.create_secret(session, "k", "owned-value", owner.id)
+    _row(session, ref).user_id = thief.id
+    session.flush()
+    with pytest.raises(SecretError, match="failed authentication"):
+        secrets.retrieve_secret(ref, session, thief.id)
+
+
+def test_v1_rows_are_read_during_the_transition_and_rotated_to_the_bound_form(
+    session: Session, engine: sa.Engine
+) -> None:
+    users = [make_user(session), make_user(session)]
+    refs = {}
+    for i in range(5):
+        user = users[i % 2]
+        refs[f"{_plant_v1(session, user.id, f'legacy{i}', f'legacy-{i}')}|{user.id}"] = (
+            f"legacy-{i}"
+        )
+    bound = secrets.create_secret(session, "new", "new-value", users[0].id)
+    refs[f"{bound}|{users[0].id}"] = "new-value"
+    session.commit()
+    _check_all(session, refs)  # no downtime: both formats are read
+    session.commit()
+    # Same key, but v1 rows still count as work for rotate-key.
+    report = secrets.rotate_database_key(_uow(engine), batch_size=2)
+    assert (report.rotated, report.failed, report.remaining) == (5, 0, 0)
+    session.expire_all()
+    tokens = [row.encrypted_value for row in session.exec(select(DatabaseSecret))]
+    assert tokens and all(crypto.token_version(t) == "v2" for t in tokens)
+    with override_settings(SECRET_ACCEPT_V1_CIPHERTEXT=False):
+        _check_all(session, refs)
+    session.commit()
+    again = secrets.rotate_database_key(_uow(engine))
+    assert (again.rotated, again.remaining) == (0, 0)
+
+
+def test_rotation_is_resumable_while_binding_v1_rows(session: Session, engine: sa.Engine) -> None:
+    user = make_user(session)
+    refs = {
+        f"{_plant_v1(session, user.id, f'l{i}', f'v-{i}')}|{user.id}": f"v-{i}" for i in range(6)
+    }
+    session.commit()
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def crashing_uow() -> Iterator[Session]:
+        calls["n"] += 1
+        with db.unit_of_work(engine) as s:
+            yield s
+            if calls["n"] == 2:
+                raise RuntimeError("simulated crash in batch 2")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        secrets.rotate_database_key(crashing_uow, batch_size=2)
+    session.expire_all()
+    versions = [
+        crypto.token_version(r.encrypted_value) for r in session.exec(select(DatabaseSecret))
+    ]
+    assert sorted(versions) == ["v1"] * 4 + ["v2"] * 2
+    _check_all(session, refs)  # mixed formats, all readable
+    session.commit()
+    report = secrets.rotate_database_key(_uow(engine), batch_size=2)
+    assert (report.rotated, report.remaining) == (4, 0)
+    _check_all(session, refs)
+
+
+def test_v1_refused_once_the_transition_is_over(session: Session, engine: sa.Engine) -> None:
+    """With SECRET_ACCEPT_V1_CIPHERTEXT=false an old v1 copy (from a backup) is refused."""
+    alice, bob = make_user(session), make_user(session)
+    bob_v1 = _row(session, _plant_v1(session, bob.id, "old", "bob-old-token")).encrypted_value
+    alice_ref = secrets.create_secret(session, "token", "alice-token", alice.id)
+    _row(session, alice_ref).encrypted_value = bob_v1
+    session.commit()
+    with override_settings(SECRET_ACCEPT_V1_CIPHERTEXT=False):
+        with pytest.raises(SecretError, match="SECRET_ACCEPT_V1_CIPHERTEXT=false"):
+            secrets.retrieve_secret(alice_ref, session, alice.id)
+        session.rollback()
+        # rotate-key does not launder it into the bound form either.
+        report = secrets.rotate_database_key(_uow(engine))
+        assert report.failed == 2 and report.remaining == 2  # Bob's v1 row and the copy
+    session.expire_all()
+    assert _row(session, alice_ref).encrypted_value == bob_v1
+
+
+def test_aws_another_users_arn_in_a_credential_row_is_refused(session: Session, aws: str) -> None:
+    """The Secrets Manager equivalent of a moved ciphertext: Bob's ARN in Alice's row."""
+    from flowbuilder.platform.crud import credentials_crud
+    from flowbuilder.platform.models import Credential
+
+    alice, bob = make_user(session), make_user(session)
+    cred = credentials_crud.create_credential(
+        session=session, user_id=alice.id, name="a", type="bearer_token", secret_value="alice-v"
+    )
+    bob_ref = secrets.create_secret(session, "b", "bob-aws-token", bob.id)
+    row = session.get(Credential, cred.id)
+    row.secret_ref = bob_ref
+    session.commit()
+    with pytest.raises(NotFound):
+        credentials_crud.resolve_credential_value(
+            session=session, credential_id=cred.id, user_id=alice.id
+        )
+    # Re-tagging Bob's secret for Alice is not enough: the name names its owner too.
+    client = _sm(aws)
+    arn = bob_ref.removeprefix("aws:")
+    client.tag_resource(SecretId=arn, Tags=[{"Key": secrets.USER_TAG, "Value": str(alice.id)}])
+    with pytest.raises(NotFound):
+        credentials_crud.resolve_credential_value(
+            session=session, credential_id=cred.id, user_id=alice.id
+        )
+    # Nor is a reference whose text claims Alice's prefix for Bob's secret.
+    forged = bob_ref.replace(f"/{bob.id}/", f"/{alice.id}/")
+    with pytest.raises(NotFound):
+        secrets.retrieve_secret(forged, session, alice.id)
