@@ -84,6 +84,7 @@ from flowbuilder.platform.models import (
     WorkflowVersion,
     utcnow,
 )
+from flowbuilder.platform.redaction import credential_forms, redact, redacted_traceback
 from flowbuilder.platform.settings import get_settings
 
 logger = structlog.get_logger(__name__)
@@ -788,7 +789,12 @@ def _invoke(
             result.error = str(exc)
             break
         except Exception as exc:  # noqa: BLE001 - a node bug must fail the phase, not the worker
-            logger.exception("node_crashed", node_id=phase.node_id, node_type=phase.node_type)
+            logger.error(
+                "node_crashed",
+                node_id=phase.node_id,
+                node_type=phase.node_type,
+                traceback=redacted_traceback(exc, credential_forms(credential)),
+            )
             result.error = f"internal error in node type {phase.node_type} ({type(exc).__name__})"
             break
     if result.error is not None and not result.cancelled:
@@ -797,36 +803,8 @@ def _invoke(
     if credential is not None:
         # A remote server may echo the credential back (headers reflected in a body), and
         # a node may log or raise with it. Nothing the node produced is stored unredacted.
-        forms = _secret_forms(credential.secret.get_secret_value())
-        result.outputs = _redact_value(result.outputs, forms)
-        result.error = _redact_value(result.error, forms)
-        result.logs = [(lvl, _redact_value(msg, forms), ts) for lvl, msg, ts in result.logs]
+        forms = credential_forms(credential)
+        result.outputs = redact(result.outputs, forms)
+        result.error = redact(result.error, forms)
+        result.logs = [(lvl, redact(msg, forms), ts) for lvl, msg, ts in result.logs]
     return result
-
-
-REDACTED = "[redacted]"
-
-
-def _secret_forms(value: str) -> list[str]:
-    """The spellings of a secret that may show up in text: as is, base64 (HTTP Basic),
-    and the password half of ``user:password``. Longest first, so replacing one form
-    never leaves a fragment of another."""
-    import base64
-
-    forms = {value, value.strip(), base64.b64encode(value.encode()).decode()}
-    if ":" in value:
-        forms.add(value.split(":", 1)[1])
-    return sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
-
-
-def _redact_value(value: Any, forms: list[str]) -> Any:
-    if isinstance(value, str):
-        for form in forms:
-            if form in value:
-                value = value.replace(form, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {_redact_value(k, forms): _redact_value(v, forms) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redact_value(v, forms) for v in value]
-    return value
