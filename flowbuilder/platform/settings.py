@@ -147,12 +147,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return value
 
-    @field_validator(
-        "SECRET_ENCRYPTION_PASSWORD",
-        "SECRET_ENCRYPTION_SALT",
-        "SECRET_ENCRYPTION_OLD_PASSWORD",
-        "SECRET_ENCRYPTION_OLD_SALT",
-    )
+    # The old key: no placeholder, at least 8 characters (the current key's stronger rule
+    # is below).
+    @field_validator("SECRET_ENCRYPTION_OLD_PASSWORD", "SECRET_ENCRYPTION_OLD_SALT")
     @classmethod
     def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
