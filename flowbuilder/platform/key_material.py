@@ -139,8 +139,8 @@ def salt_problem(salt: str, password: str | None = None) -> str | None:
         return "is not valid Unicode text (it holds a lone surrogate)"
     if len(salt) < MIN_SALT_CHARS:
         return f"is too short (at least {MIN_SALT_CHARS} characters); {GENERATE_HINT}"
-    if _REPEATED.fullmatch(salt) is not None or len(set(salt)) < 4:
-        return f"is a patterned value; {GENERATE_HINT}"
+    if _known_weak(salt) or len(set(salt)) < 4:
+        return f"is a known weak or patterned value; {GENERATE_HINT}"
     if password is not None and salt == password:
         return f"must differ from the password; {GENERATE_HINT}"
     return None
