@@ -288,3 +288,23 @@ def test_lost_name_race_leaves_no_orphan_secret(
     if backend != "db":
         client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=backend)
         assert client.list_secrets()["SecretList"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field"),
+    [("api\ud800", "fine-value", "name"), ("api", "tok\udfff", "secret_value")],
+)
+def test_lone_surrogates_are_validation_errors(
+    session: Session, backend: str, name: str, value: str, field: str
+) -> None:
+    """Issue 11: refused with the project's error before anything is stored."""
+    user = make_user(session)
+    with pytest.raises(ValidationFailed, match=f"{field}: is not valid Unicode"):
+        credentials_crud.create_credential(
+            session=session, user_id=user.id, name=name, type="api_key", secret_value=value
+        )
+    with pytest.raises(ValidationFailed, match="is not valid Unicode"):
+        secrets.create_secret(session, name, value, user.id)
+    assert credentials_crud.list_credentials_for_user(session=session, user_id=user.id) == []
+    with pytest.raises(SecretError, match="malformed secret reference"):
+        secrets.retrieve_secret("db:\ud800", session, user.id)
