@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from flowbuilder.platform.cron import check_schedule, get_next_run_date
 from flowbuilder.platform.crud._sql import conflict_on_duplicate
-from flowbuilder.platform.errors import Conflict, NotFound
+from flowbuilder.platform.errors import Conflict, NotFound, ValidationFailed
 from flowbuilder.platform.models import (
     Credential,
     Workflow,
@@ -20,10 +22,37 @@ from flowbuilder.platform.models import (
     WorkflowVersion,
     utcnow,
 )
+from flowbuilder.platform.settings import get_settings
+
+
+def check_draft_size(definition: Any) -> None:
+    """Refuse a draft definition above MAX_DEFINITION_BYTES (as JSON, UTF-8).
+
+    Drafts may be incomplete, but not unbounded: the limit that publishing enforces holds
+    at every write, so no 20 MB draft is ever stored.
+    """
+    if definition is None:
+        return
+    limit = get_settings().MAX_DEFINITION_BYTES
+    try:
+        text = json.dumps(definition, ensure_ascii=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except RecursionError:
+        problem = "definition: nested too deeply"
+    except UnicodeEncodeError:
+        problem = "definition: is not valid Unicode text (it holds a lone surrogate)"
+    except (TypeError, ValueError) as exc:
+        problem = f"definition: not JSON-serialisable ({type(exc).__name__})"
+    else:
+        if size <= limit:
+            return
+        problem = f"definition: larger than {limit} bytes (MAX_DEFINITION_BYTES)"
+    raise ValidationFailed([problem], what="workflow definition")
 
 
 def create_workflow(*, session: Session, user_id: uuid.UUID, data: WorkflowCreate) -> Workflow:
     """Create a draft workflow. Drafts may be incomplete; publishing validates."""
+    check_draft_size(data.definition)
     if data.cron:
         check_schedule(data.cron, data.timezone)
     workflow = Workflow.model_validate(data, update={"user_id": user_id})
@@ -74,6 +103,7 @@ def update_workflow(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
     changes = data.model_dump(exclude_unset=True)
+    check_draft_size(changes.get("definition"))
     if changes.get("status") == WorkflowStatus.PUBLISHED and workflow.published_version == 0:
         raise Conflict(f"workflow {workflow_id} has no published version; publish it first")
     cron = changes.get("cron", workflow.cron)
