@@ -6,10 +6,12 @@ backend talks to the real Secrets Manager API served by moto's server mode.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -659,3 +661,37 @@ def test_aws_another_users_arn_in_a_credential_row_is_refused(session: Session, 
     forged = bob_ref.replace(f"/{bob.id}/", f"/{alice.id}/")
     with pytest.raises(NotFound):
         secrets.retrieve_secret(forged, session, alice.id)
+
+
+# --- layering: no secrets <-> crud cycle (issue 10) -------------------------------------------
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-local imports included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_secrets_and_crud_do_not_import_each_other_in_a_cycle() -> None:
+    """crud -> secrets -> db_secrets -> crypto, one way: nothing under the secrets side
+    imports crud, not even inside a function."""
+    import flowbuilder.platform as platform_pkg
+
+    root = Path(platform_pkg.__file__).parent
+    secrets_side = [root / "secrets.py", root / "db_secrets.py", root / "crypto.py"]
+    secrets_side += [root / "key_material.py", root / "text.py", root / "redaction.py"]
+    for path in secrets_side:
+        crud_imports = {m for m in _imports_of(path) if m.startswith("flowbuilder.platform.crud")}
+        assert crud_imports == set(), f"{path.name} imports {sorted(crud_imports)}"
+    assert not (root / "crud" / "db_secret_crud.py").exists()
+    # And crud reaches the secrets only through the public module.
+    for path in (root / "crud").glob("*.py"):
+        imported = _imports_of(path)
+        assert "flowbuilder.platform.db_secrets" not in imported, path.name
