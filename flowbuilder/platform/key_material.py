@@ -22,7 +22,6 @@ package, so settings, crypto and anything else may use it.
 from __future__ import annotations
 
 import math
-import re
 
 __all__ = [
     "GENERATE_HINT",
@@ -71,8 +70,24 @@ _WEAK_WORDS = (
     "me",
     "my",
 )
-_ONLY_WEAK_WORDS = re.compile("(?:" + "|".join(sorted(_WEAK_WORDS, key=len, reverse=True)) + ")*")
-_REPEATED = re.compile(r"(.+?)\1+", re.S)
+MAX_MATERIAL_CHARS = 1024
+
+
+def _only_weak_words(letters: str) -> bool:
+    """Whether ``letters`` splits into weak words (linear-time word break, no regex
+    backtracking: ``changeme`` also splits as ``change`` + ``me``)."""
+    ends = [True] + [False] * len(letters)
+    for i in range(1, len(letters) + 1):
+        ends[i] = any(
+            len(word) <= i and ends[i - len(word)] and letters.startswith(word, i - len(word))
+            for word in _WEAK_WORDS
+        )
+    return ends[-1]
+
+
+def _repeated(value: str) -> bool:
+    """Whether ``value`` is a shorter piece repeated (``abcabcabc``)."""
+    return len(value) > 1 and value in (value + value)[1:-1]
 
 
 def estimated_bits(value: str) -> float:
@@ -111,15 +126,17 @@ def _encodable(value: str) -> bool:
 
 def _known_weak(value: str) -> bool:
     letters = "".join(c for c in value.lower() if c.isalpha())
-    if _ONLY_WEAK_WORDS.fullmatch(letters):
+    if _only_weak_words(letters):
         return True  # only weak words (or no letters at all) padded with digits/punctuation
-    return _REPEATED.fullmatch(value) is not None
+    return _repeated(value)
 
 
 def password_problem(password: str, salt: str | None = None) -> str | None:
     """Why ``password`` is not acceptable key material, or None when it is."""
     if not _encodable(password):
         return "is not valid Unicode text (it holds a lone surrogate)"
+    if len(password) > MAX_MATERIAL_CHARS:
+        return f"is too long (at most {MAX_MATERIAL_CHARS} characters)"
     if len(password) < MIN_PASSWORD_CHARS:
         return f"is too short (at least {MIN_PASSWORD_CHARS} characters); {GENERATE_HINT}"
     if _known_weak(password):
@@ -137,6 +154,8 @@ def salt_problem(salt: str, password: str | None = None) -> str | None:
     """Why ``salt`` is not acceptable, or None when it is."""
     if not _encodable(salt):
         return "is not valid Unicode text (it holds a lone surrogate)"
+    if len(salt) > MAX_MATERIAL_CHARS:
+        return f"is too long (at most {MAX_MATERIAL_CHARS} characters)"
     if len(salt) < MIN_SALT_CHARS:
         return f"is too short (at least {MIN_SALT_CHARS} characters); {GENERATE_HINT}"
     if _known_weak(salt) or len(set(salt)) < 4:

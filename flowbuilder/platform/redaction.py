@@ -61,9 +61,9 @@ def _sent_values(kind: str | None, value: str) -> list[str]:
     """The secret parts of ``value`` as a credential of type ``kind`` sends them."""
     stripped = value.strip()
     parts = [value, stripped]
-    if kind == "bearer_token":
-        parts.append(f"Bearer {stripped}")
-    elif kind == "header" or (kind is None and ":" in value):
+    # bearer_token ("Bearer <stripped>") and api_key (<stripped>) send the stripped value
+    # itself, so the scheme word stays readable in an echo: "Bearer [redacted]".
+    if kind == "header" or (kind is None and ":" in value):
         # "Name: value" is sent as header "Name" with the value stripped: the value
         # without its leading space is the form a server echoes (issue 11).
         _name, sep, header_value = value.partition(":")
