@@ -289,6 +289,11 @@ class DatabaseSecretManager:
         """Refuse weak current key material with one line naming the half at fault."""
         pw = self._password.get_secret_value() if self._password is not None else None
         sl = self._salt.get_secret_value() if self._salt is not None else None
+        # Text that cannot be encoded is invalid input first (ValidationFailed), like
+        # everywhere else; only then is its strength judged.
+        require_encodable(
+            "encryption key", SECRET_ENCRYPTION_PASSWORD=pw, SECRET_ENCRYPTION_SALT=sl
+        )
         for name, problem in (
             ("SECRET_ENCRYPTION_PASSWORD", password_problem(pw, sl) if pw is not None else None),
             ("SECRET_ENCRYPTION_SALT", salt_problem(sl, pw) if sl is not None else None),

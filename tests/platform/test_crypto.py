@@ -397,7 +397,7 @@ def test_lone_surrogates_are_refused_with_a_validation_error() -> None:
         crypto.encrypt_secret("abc\ud800")
     with pytest.raises(ValidationFailed, match="plaintext"):
         DatabaseSecretManager().encrypt_secret("\udfff")
-    with pytest.raises(crypto.WeakKeyMaterial, match="Unicode"):
+    with pytest.raises(ValidationFailed, match="SECRET_ENCRYPTION_PASSWORD: is not valid Unicode"):
         DatabaseSecretManager(password="Zq8-vT3m_Lk2pW9x-Rb7\ud800", salt="a-good-salt-77e1")
     with pytest.raises(ValidationFailed, match="SECRET_ENCRYPTION_OLD_PASSWORD"):
         DatabaseSecretManager(old_password="old\ud800pass", old_salt="old-salt-1234")
