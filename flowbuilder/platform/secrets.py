@@ -356,8 +356,9 @@ class RotationReport:
     """What a :func:`rotate_database_key` run did.
 
     ``failed_ids`` lists rows that neither key could decrypt (left untouched);
-    ``remaining`` counts rows still not on the new key when the run ended (failed rows,
-    plus rows another transaction held locked, which a rerun picks up).
+    ``remaining`` counts rows still not on the new key, or still in the unbound v1 format,
+    when the run ended (failed rows, plus rows another transaction held locked, which a
+    rerun picks up). Once it is 0, SECRET_ACCEPT_V1_CIPHERTEXT can be set to false.
     """
 
     key_id: str
