@@ -102,10 +102,13 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level_name)
     # Chatty libraries stay at WARNING unless we debug.
-    for noisy in ("botocore", "boto3", "urllib3", "kombu", "httpx", "httpcore"):
+    for noisy in ("botocore", "boto3", "urllib3", "kombu", "httpx"):
         logging.getLogger(noisy).setLevel(
             logging.DEBUG if level_name == "DEBUG" else logging.WARNING
         )
+    # httpcore's debug trace prints raw response headers, which a server may use to echo a
+    # credential back; the platform's own outbound_request line says what matters.
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     _configured = True
 
 

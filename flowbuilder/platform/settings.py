@@ -23,6 +23,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flowbuilder.platform.errors import ConfigurationError
+from flowbuilder.platform.key_material import password_problem, salt_problem
 
 # Values that mean "somebody copied the example file and never changed it".
 _PLACEHOLDERS = frozenset(
@@ -71,6 +72,11 @@ class Settings(BaseSettings):
     # The previous key, accepted for decryption while `flowbuilder secrets rotate-key` runs.
     SECRET_ENCRYPTION_OLD_PASSWORD: SecretStr | None = None
     SECRET_ENCRYPTION_OLD_SALT: SecretStr | None = None
+    # Read ciphertext of the unbound v1 format (written before secrets were bound to their
+    # id and owner). True while `flowbuilder secrets rotate-key` moves rows to the bound
+    # form; set it to false once rotate-key reports none remaining, so that an old v1
+    # ciphertext copied into another row (from a backup, say) is refused.
+    SECRET_ACCEPT_V1_CIPHERTEXT: bool = True
     SECRETS_MANAGER_ENDPOINT_URL: str | None = None
     SECRETS_MANAGER_PREFIX: str = "flowbuilder/"
 
@@ -106,6 +112,10 @@ class Settings(BaseSettings):
     RATE_LIMIT_WINDOW_SECONDS: int = Field(default=60, ge=1)
     RATE_LIMIT_USER: int = Field(default=60, ge=0)
     RATE_LIMIT_GUEST: int = Field(default=5, ge=0)
+    # Guest creation per client key (the API passes e.g. the client IP): without it the
+    # per-guest limits are sidestepped by creating new guests.
+    RATE_LIMIT_GUEST_CREATION: int = Field(default=10, ge=0)
+    RATE_LIMIT_GUEST_CREATION_WINDOW_SECONDS: int = Field(default=3600, ge=1)
     GUEST_SESSION_TTL_SECONDS: int = Field(default=24 * 3600, ge=60)
 
     # --- definitions and outbound calls ---------------------------------------------
@@ -145,12 +155,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return value
 
-    @field_validator(
-        "SECRET_ENCRYPTION_PASSWORD",
-        "SECRET_ENCRYPTION_SALT",
-        "SECRET_ENCRYPTION_OLD_PASSWORD",
-        "SECRET_ENCRYPTION_OLD_SALT",
-    )
+    # The old key: no placeholder, at least 8 characters (the current key's stronger rule
+    # is below).
+    @field_validator("SECRET_ENCRYPTION_OLD_PASSWORD", "SECRET_ENCRYPTION_OLD_SALT")
     @classmethod
     def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -160,6 +167,23 @@ class Settings(BaseSettings):
             raise ValueError("is a placeholder; set a real random value")
         if len(raw) < 8:
             raise ValueError("is too short (at least 8 characters)")
+        return value
+
+    # The current key must be strong (see key_material). The OLD_* key only decrypts while
+    # rotate-key moves rows away from it, so a weak old key stays accepted: refusing it
+    # would block the very rotation that replaces it.
+    @field_validator("SECRET_ENCRYPTION_PASSWORD")
+    @classmethod
+    def _strong_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (problem := password_problem(value.get_secret_value())):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("SECRET_ENCRYPTION_SALT")
+    @classmethod
+    def _strong_salt(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (problem := salt_problem(value.get_secret_value())):
+            raise ValueError(problem)
         return value
 
     @field_validator("DATABASE_URL", "BROKER_URL")
@@ -179,6 +203,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 "EXECUTION_MAX_TOTAL_SECONDS must be at least EXECUTION_TIMEOUT_SECONDS"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _password_not_salt(self) -> Settings:
+        password, salt = self.SECRET_ENCRYPTION_PASSWORD, self.SECRET_ENCRYPTION_SALT
+        same = (
+            password is not None
+            and salt is not None
+            and password.get_secret_value() == salt.get_secret_value()
+        )
+        if same:
+            raise ValueError("SECRET_ENCRYPTION_PASSWORD must differ from SECRET_ENCRYPTION_SALT")
         return self
 
     # --- derived values -------------------------------------------------------------

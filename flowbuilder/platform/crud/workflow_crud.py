@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -21,23 +22,17 @@ from flowbuilder.platform.models import (
     WorkflowVersion,
     utcnow,
 )
+from flowbuilder.platform.settings import get_settings
 
 
-def create_workflow(*, session: Session, user_id: uuid.UUID, data: WorkflowCreate) -> Workflow:
-    """Create a draft workflow. Drafts may be incomplete; publishing validates."""
-    if data.cron:
-        check_schedule(data.cron, data.timezone)
-    _check_storable(data.model_dump())
-    workflow = Workflow.model_validate(data, update={"user_id": user_id})
-    with conflict_on_duplicate(session, f"a workflow named {data.name!r} already exists"):
-        session.add(workflow)
-    return workflow
+def check_draft(fields: dict[str, Any]) -> None:
+    """Refuse what a draft write cannot store, with ValidationFailed naming it.
 
-
-def _check_storable(fields: dict[str, Any]) -> None:
-    """Drafts are stored before they are ever validated: refuse what the database cannot
-    store (NUL, lone surrogates, NaN/Infinity, absurd nesting) with ValidationFailed
-    naming it, instead of a raw DataError at commit."""
+    Drafts are stored before they are ever validated, so the limits that publishing
+    enforces hold at every write: nothing the database cannot store (NUL, lone
+    surrogates, NaN/Infinity, absurd nesting; checked iteratively first, so no
+    RecursionError), and no definition above MAX_DEFINITION_BYTES (as UTF-8 JSON).
+    """
     from flowbuilder.platform.definitions import storability_problem
 
     problems = []
@@ -49,6 +44,30 @@ def _check_storable(fields: dict[str, Any]) -> None:
                 problems.append(f"{path}: {problem.message}")
     if problems:
         raise ValidationFailed(problems, what="workflow")
+    definition = fields.get("definition")
+    if definition is None:
+        return
+    limit = get_settings().MAX_DEFINITION_BYTES
+    try:
+        size = len(json.dumps(definition, ensure_ascii=False, separators=(",", ":")).encode())
+    except (TypeError, ValueError) as exc:
+        problem_text = f"definition: not JSON-serialisable ({type(exc).__name__})"
+    else:
+        if size <= limit:
+            return
+        problem_text = f"definition: larger than {limit} bytes (MAX_DEFINITION_BYTES)"
+    raise ValidationFailed([problem_text], what="workflow definition")
+
+
+def create_workflow(*, session: Session, user_id: uuid.UUID, data: WorkflowCreate) -> Workflow:
+    """Create a draft workflow. Drafts may be incomplete; publishing validates."""
+    if data.cron:
+        check_schedule(data.cron, data.timezone)
+    check_draft(data.model_dump())
+    workflow = Workflow.model_validate(data, update={"user_id": user_id})
+    with conflict_on_duplicate(session, f"a workflow named {data.name!r} already exists"):
+        session.add(workflow)
+    return workflow
 
 
 def get_workflow_by_id_and_user(
@@ -93,7 +112,7 @@ def update_workflow(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
     changes = data.model_dump(exclude_unset=True)
-    _check_storable(changes)
+    check_draft(changes)
     if changes.get("status") == WorkflowStatus.PUBLISHED and workflow.published_version == 0:
         raise Conflict(f"workflow {workflow_id} has no published version; publish it first")
     cron = changes.get("cron", workflow.cron)

@@ -14,7 +14,6 @@ Modules, in the order a run meets them:
 - :mod:`.invoke`: calling a node with its timeout and retries.
 - :mod:`.outputs`: node outputs made storable (the boundary between a node and the
   database).
-- :mod:`.redaction`: nothing a node produced is stored with its credential in it.
 - :mod:`.state`: :class:`Outcome`, :class:`RunResult` and the state of one run.
 
 Exactly once under at-least-once delivery

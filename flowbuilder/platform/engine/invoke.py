@@ -13,7 +13,6 @@ from sqlmodel import Session
 
 from flowbuilder.platform.engine.lease import Heartbeat
 from flowbuilder.platform.engine.outputs import Unstorable, storable_outputs
-from flowbuilder.platform.engine.redaction import _redact_value, _secret_forms
 from flowbuilder.platform.engine.state import RunState, is_time_limit
 from flowbuilder.platform.errors import (
     TransientError,
@@ -22,6 +21,7 @@ from flowbuilder.platform.jsonvalues import clean_string
 from flowbuilder.platform.models import (
     ExecutionPhase,
 )
+from flowbuilder.platform.redaction import credential_forms, redact, redacted_traceback
 from flowbuilder.platform.settings import get_settings
 
 logger = structlog.get_logger(__name__)
@@ -149,7 +149,13 @@ def _invoke(
             if is_time_limit(exc):
                 # The worker's own time limit, not a node bug: the run ends as timed out.
                 raise
-            logger.exception("node_crashed", node_id=phase.node_id, node_type=phase.node_type)
+            # The traceback is redacted: a node may raise with its credential in the text.
+            logger.error(
+                "node_crashed",
+                node_id=phase.node_id,
+                node_type=phase.node_type,
+                traceback=redacted_traceback(exc, credential_forms(credential)),
+            )
             result.error = f"internal error in node type {phase.node_type} ({type(exc).__name__})"
             break
     if result.error is None:
@@ -172,8 +178,8 @@ def _invoke(
     if credential is not None:
         # A remote server may echo the credential back (headers reflected in a body), and
         # a node may log or raise with it. Nothing the node produced is stored unredacted.
-        forms = _secret_forms(credential.secret.get_secret_value())
-        result.outputs = _redact_value(result.outputs, forms)
-        result.error = _redact_value(result.error, forms)
-        result.logs = [(lvl, _redact_value(msg, forms), ts) for lvl, msg, ts in result.logs]
+        forms = credential_forms(credential)
+        result.outputs = redact(result.outputs, forms)
+        result.error = redact(result.error, forms)
+        result.logs = [(lvl, redact(msg, forms), ts) for lvl, msg, ts in result.logs]
     return result

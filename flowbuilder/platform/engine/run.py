@@ -50,6 +50,7 @@ from flowbuilder.platform.errors import (
     FlowBuilderError,
     InsufficientCredits,
     NotFound,
+    SecretError,
     TransientError,
 )
 from flowbuilder.platform.models import (
@@ -533,6 +534,12 @@ def _start_phase(
         except NotFound:
             # Deleted after the run was enqueued: fail cleanly, charge nothing.
             error = f"credential {node.credential_id} is no longer available"
+            run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
+        except SecretError as exc:
+            # It cannot be read (a ciphertext moved from another row, a key no longer
+            # configured, the backend refusing): retrying would fail the same way, so the
+            # run ends here, charged nothing. SecretError messages never carry the value.
+            error = f"credential {node.credential_id} could not be read ({exc})"
             run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
     if error is None and phase.credits_cost > 0:
         try:
