@@ -17,6 +17,7 @@ from kombu import pools as kombu_pools
 from flowbuilder.platform import db
 from flowbuilder.platform.logging import bind_context, clear_context, setup_logging
 from flowbuilder.platform.settings import Settings, get_settings
+from flowbuilder.tasks.monitor import MonitoredCelery, monitor_transport_options
 
 EXECUTIONS_QUEUE = "executions"
 # The header that carries the API's correlation id into the worker's log lines.
@@ -112,8 +113,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "task_default_queue": EXECUTIONS_QUEUE,
         "task_routes": {"flowbuilder.*": {"queue": EXECUTIONS_QUEUE}},
+        # Events and remote control travel on the monitoring channel (Redis), never on
+        # SQS; see flowbuilder/tasks/monitor.py.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # task-sent would be published on the broker's producer (SQS): off.
+        "task_send_sent_event": False,
+        "flowbuilder_monitor_url": settings.monitor_url,
+        "flowbuilder_monitor_transport_options": monitor_transport_options(
+            settings.MONITOR_KEY_PREFIX
+        ),
         "beat_schedule": {
             "sweep-stale-executions": {
                 "task": "flowbuilder.sweep_stale_executions",
@@ -161,8 +169,12 @@ def configure(app: Celery, settings: Settings | None = None) -> Celery:
     return app
 
 
-app = Celery("flowbuilder", include=["flowbuilder.tasks.execution"])
+app = MonitoredCelery("flowbuilder", include=["flowbuilder.tasks.execution"])
 configure(app)
+if app.watcher:  # `celery flower`: the SQS depth on /metrics
+    from flowbuilder.tasks.monitor import register_flower_metrics
+
+    register_flower_metrics()
 
 
 # ------------------------------------------------------------------------------ signals
