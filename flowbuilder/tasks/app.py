@@ -17,12 +17,13 @@ from kombu import pools as kombu_pools
 from flowbuilder.platform import db
 from flowbuilder.platform.logging import bind_context, clear_context, setup_logging
 from flowbuilder.platform.settings import Settings, get_settings
+from flowbuilder.tasks import logcontext
 from flowbuilder.tasks.monitor import MonitoredCelery, monitor_transport_options
 
 EXECUTIONS_QUEUE = "executions"
 # The header that carries the API's correlation id into the worker's log lines.
 # (Celery's own ``correlation_id`` is the task id, so it cannot be reused.)
-CORRELATION_HEADER = "x_correlation_id"
+CORRELATION_HEADER = logcontext.HEADERS["correlation_id"]
 
 
 def queue_name(settings: Settings, name: str) -> str:
@@ -171,6 +172,7 @@ def configure(app: Celery, settings: Settings | None = None) -> Celery:
 
 app = MonitoredCelery("flowbuilder", include=["flowbuilder.tasks.execution"])
 configure(app)
+logcontext.install()  # execution ids on Celery's received/succeeded/failed/retry lines
 if app.watcher:  # `celery flower`: the SQS depth on /metrics
     from flowbuilder.tasks.monitor import register_flower_metrics
 
@@ -203,10 +205,13 @@ def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -
     clear_context()
     request = task.request if task is not None else None
     headers = (getattr(request, "headers", None) or {}) if request is not None else {}
-    correlation = headers.get(CORRELATION_HEADER) or getattr(request, CORRELATION_HEADER, None)
-    bind_context(task_id=task_id, task_name=getattr(task, "name", None))
-    if correlation:
-        bind_context(correlation_id=correlation)
+    # Protocol 2 merges custom headers into the request itself.
+    merged = {k: getattr(request, k, None) for k in logcontext.HEADERS.values()}
+    merged.update({k: v for k, v in headers.items() if k in logcontext.HEADERS.values()})
+    argsrepr = getattr(request, "argsrepr", None)
+    context = logcontext.context_from_headers(merged, argsrepr)
+    logcontext.remember(task_id, context)  # Celery's own lines in this (child) process
+    bind_context(task_id=task_id, task_name=getattr(task, "name", None), **context)
 
 
 @signals.task_postrun.connect

@@ -23,7 +23,6 @@ With no monitoring channel (the embedded default), everything is Celery's own be
 
 from __future__ import annotations
 
-import socket
 import threading
 from typing import Any
 
@@ -100,8 +99,15 @@ class MonitorControl(Control):
 class MonitorEventDispatcher(EventDispatcher):
     """Sends events on the monitoring channel, whatever connection it was given."""
 
-    def __init__(self, connection: Any = None, hostname: Any = None, enabled: bool = True,
-                 channel: Any = None, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        connection: Any = None,
+        hostname: Any = None,
+        enabled: bool = True,
+        channel: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         self.app = kwargs.get("app") or self.app
         if monitor_url(self.app) is not None and not isinstance(connection, MonitorConnection):
             # The worker's Events step passes the broker's connection: replace it, and the
@@ -229,15 +235,16 @@ class MonitorPidbox(bootsteps.StartStopStep):
             conn = monitor_connection(c.app)
             try:
                 node.channel = conn.channel()
-                consumer = node.listen(callback=lambda body, message: self._on_message(
-                    node, body, message, c))
+                consumer = node.listen(
+                    callback=lambda body, message: self._on_message(node, body, message, c)
+                )
                 with consumer:
                     backoff = 1.0
                     logger.info("monitor_pidbox_listening", hostname=c.hostname)
                     while not self._stopping.is_set():
                         try:
                             conn.drain_events(timeout=1.0)
-                        except (TimeoutError, socket.timeout):
+                        except TimeoutError:
                             continue
             except (WorkerShutdown, WorkerTerminate) as exc:
                 # `control shutdown`: the same path as SIGTERM (a warm shutdown).
