@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -166,6 +167,26 @@ class Settings(BaseSettings):
     def _url_shape(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
             raise ValueError("must be a URL such as scheme://...")
+        return value
+
+    @field_validator("SQS_ENDPOINT_URL", "SECRETS_MANAGER_ENDPOINT_URL")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is empty; unset it to use AWS, or give http(s)://HOST:PORT")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s)://HOST:PORT URL")
+        return value
+
+    @field_validator("AWS_REGION")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        # botocore's own check (it would raise deep inside the first AWS call otherwise).
+        if not re.fullmatch(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)", value):
+            raise ValueError("is not a region name such as us-east-1")
         return value
 
     @field_validator("REDIS_URL", "MONITOR_URL")
