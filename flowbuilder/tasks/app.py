@@ -41,6 +41,10 @@ def broker_url(settings: Settings) -> str:
     from the transport options), so moto, LocalStack and AWS share one code path.
     """
     url = settings.broker_url
+    if url == "filesystem://":
+        # kombu warns "No hostname was supplied" each time it describes a connection
+        # without a host; the file-system transport ignores the host anyway.
+        return "filesystem://localhost/"
     if url.startswith("sqs://") and settings.SQS_ENDPOINT_URL:
         rest = url[len("sqs://") :]
         creds, _, host = rest.rpartition("@")
