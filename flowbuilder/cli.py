@@ -391,7 +391,10 @@ def status(
 
     workers = _table("workers", "worker", "state", "active", "processed", "pool")
     if settings.monitor_url is None:
-        problems.append("no monitoring channel (MONITOR_URL is off, or the broker is not SQS)")
+        # Not a failure: the embedded default has no monitoring channel.
+        typer.echo(
+            "note: no monitoring channel (MONITOR_URL off, or the broker is not SQS)", err=True
+        )
     else:
         try:
             inspect = app.control.inspect(timeout=timeout)

@@ -245,6 +245,19 @@ def test_inspect_events_and_flower_on_sqs(
     assert f'flowbuilder_sqs_messages{{queue="{prefix}executions",state="visible"}}' in metrics
     assert f'flowbuilder_sqs_messages{{queue="{prefix}executions-dlq",state="visible"}}' in metrics
 
+    # `flowbuilder status`: the worker from the monitoring channel, both SQS queues.
+    status = subprocess.run(
+        [sys.executable, "-m", "flowbuilder", "status"],
+        env=monitor_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert hostname in status.stdout and "online" in status.stdout
+    assert f"{prefix}executions " in status.stdout and f"{prefix}executions-dlq" in status.stdout
+    assert "completed" in status.stdout
+
     # The event stream carried the task; and nothing of Celery's monitoring touched SQS.
     wait_for(lambda: str(execution_id) in dump.text(), 30)
     assert "task succeeded" in dump.text()
