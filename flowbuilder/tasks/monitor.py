@@ -166,6 +166,28 @@ def _invoked_celery_command() -> str | None:
     return None
 
 
+def require_flower_auth(argv: list[str] | None = None, environ: Any = None) -> None:
+    """Refuse to start Flower without authentication (basic auth or OAuth).
+
+    Flower serves task arguments and can shut workers down; it is never open. Its own
+    options come from ``--basic-auth``/``--auth`` or ``FLOWER_BASIC_AUTH``/``FLOWER_AUTH``.
+    """
+    import os
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    flags = ("--basic-auth", "--basic_auth", "--auth")
+    if any(a.split("=", 1)[0] in flags for a in argv):
+        return
+    if environ.get("FLOWER_BASIC_AUTH") or environ.get("FLOWER_AUTH"):
+        return
+    raise SystemExit(
+        "error: Flower needs authentication: set FLOWER_BASIC_AUTH=user:password "
+        "(or FLOWER_AUTH with an OAuth provider)"
+    )
+
+
 class MonitoredCelery(Celery):
     """The Celery app class, with events and remote control on the monitoring channel."""
 
@@ -174,7 +196,10 @@ class MonitoredCelery(Celery):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.watcher = _invoked_celery_command() in WATCHER_COMMANDS
+        command = _invoked_celery_command()
+        self.watcher = command in WATCHER_COMMANDS
+        if command == "flower":
+            require_flower_auth()
         self.steps["consumer"].add(MonitorPidbox)
 
     def connection(self, hostname: Any = None, *args: Any, **kwargs: Any) -> Any:
