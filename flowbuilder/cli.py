@@ -408,7 +408,8 @@ def status(
         for name in sorted(replies):
             total = sum((stats.get(name, {}).get("total") or {}).values())
             pool = stats.get(name, {}).get("pool", {})
-            kind = str(pool.get("implementation", "?")).rsplit(":", 1)[-1]
+            # "celery.concurrency.prefork:TaskPool" -> "prefork"
+            kind = str(pool.get("implementation", "?")).split(":")[0].rsplit(".", 1)[-1]
             workers.add_row(
                 name,
                 "online",
