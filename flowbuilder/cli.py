@@ -328,16 +328,14 @@ def sweep(limit: int = typer.Option(100, min=1, max=10_000, help="Executions per
         stale = execution_crud.find_stale_executions(
             session=session, pending_before=threshold, limit=limit
         )
-        found = [(e.id, e.correlation_id, e.workflow_id, e.user_id) for e in stale]
+        found = [(e.id, e.correlation_id) for e in stale]
         for execution in stale:
             execution.enqueued_at = utcnow()
     sent, failures = 0, []
     with _progress("re-sending executions", total=len(found)) as advance:
-        for execution_id, correlation_id, workflow_id, user_id in found:
+        for execution_id, correlation_id in found:
             try:
-                send_execution(
-                    execution_id, correlation_id, workflow_id=workflow_id, user_id=user_id
-                )
+                send_execution(execution_id, correlation_id)
                 sent += 1
             except Exception as exc:  # noqa: BLE001 - reported below; the next sweep retries
                 failures.append(f"{execution_id}: {type(exc).__name__}")

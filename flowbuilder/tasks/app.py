@@ -208,14 +208,15 @@ def _after_fork(**_: Any) -> None:
 def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -> None:
     clear_context()
     request = task.request if task is not None else None
-    headers = (getattr(request, "headers", None) or {}) if request is not None else {}
+    headers = dict((getattr(request, "headers", None) or {}) if request is not None else {})
     # Protocol 2 merges custom headers into the request itself.
-    merged = {k: getattr(request, k, None) for k in logcontext.HEADERS.values()}
-    merged.update({k: v for k, v in headers.items() if k in logcontext.HEADERS.values()})
-    argsrepr = getattr(request, "argsrepr", None)
-    context = logcontext.context_from_headers(merged, argsrepr)
+    correlation = getattr(request, CORRELATION_HEADER, None)
+    if correlation and CORRELATION_HEADER not in headers:
+        headers[CORRELATION_HEADER] = correlation
+    name = getattr(task, "name", None)
+    context = logcontext.context_for(name, headers, getattr(request, "argsrepr", None), task_id)
     logcontext.remember(task_id, context)  # Celery's own lines in this (child) process
-    bind_context(task_id=task_id, task_name=getattr(task, "name", None), **context)
+    bind_context(task_id=task_id, task_name=name, **context)
 
 
 @signals.task_postrun.connect

@@ -22,8 +22,7 @@ from flowbuilder.platform.db import unit_of_work
 from flowbuilder.platform.errors import TransientError
 from flowbuilder.platform.models import TriggerType, WorkflowExecution, utcnow
 from flowbuilder.platform.settings import get_settings
-from flowbuilder.tasks.app import app
-from flowbuilder.tasks.logcontext import task_headers
+from flowbuilder.tasks.app import CORRELATION_HEADER, app
 
 logger = structlog.get_logger(__name__)
 
@@ -37,7 +36,7 @@ class ExecutionTask(Task):
     reject_on_worker_lost = True
     # Results are in the database; a result backend would only add a dependency.
     ignore_result = True
-    # Remembers the execution's ids from the headers for Celery's "received" line.
+    # Remembers the execution's ids for Celery's own "received" log line (logcontext.py).
     Request = "flowbuilder.tasks.logcontext:ContextRequest"
 
 
@@ -81,13 +80,7 @@ def sweep_stale_executions(self: Task, limit: int = 100) -> int:
         )
         for execution in stale:
             execution.enqueued_at = utcnow()
-            send_after_commit(
-                session,
-                execution.id,
-                execution.correlation_id,
-                workflow_id=execution.workflow_id,
-                user_id=execution.user_id,
-            )
+            send_after_commit(session, execution.id, execution.correlation_id)
     if stale:
         logger.info("stale_executions_resent", count=len(stale))
     return len(stale)
@@ -96,36 +89,27 @@ def sweep_stale_executions(self: Task, limit: int = 100) -> int:
 # ----------------------------------------------------------------------------- enqueue
 
 
-def send_execution(
-    execution_id: uuid.UUID, correlation_id: str | None = None, **log_context: Any
-) -> None:
-    # The headers carry the ids for the worker's log lines (flowbuilder.tasks.logcontext).
-    headers = task_headers(execution_id, correlation_id=correlation_id, **log_context)
+def send_execution(execution_id: uuid.UUID, correlation_id: str | None = None) -> None:
+    headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
     execute_workflow.apply_async(args=[str(execution_id)], headers=headers)
 
 
 def send_after_commit(
-    session: Session,
-    execution_id: uuid.UUID,
-    correlation_id: str | None = None,
-    *,
-    workflow_id: uuid.UUID | None = None,
-    user_id: uuid.UUID | None = None,
+    session: Session, execution_id: uuid.UUID, correlation_id: str | None = None
 ) -> None:
     """Send the task once ``session``'s transaction commits; never if it rolls back.
 
     A worker must never receive an id whose row it cannot see yet, and a rolled-back
     execution must never run.
     """
-    log_context = {"workflow_id": workflow_id, "user_id": user_id}
-    session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id, log_context))
+    session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id))
 
 
 @event.listens_for(OrmSession, "after_commit")
 def _send_pending(session: OrmSession) -> None:
-    for execution_id, correlation_id, log_context in session.info.pop(_PENDING_SENDS, []):
+    for execution_id, correlation_id in session.info.pop(_PENDING_SENDS, []):
         try:
-            send_execution(execution_id, correlation_id, **log_context)
+            send_execution(execution_id, correlation_id)
         except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
             logger.error(
                 "execution_send_failed",
@@ -162,9 +146,7 @@ def enqueue_execution(
         inputs=inputs,
         correlation_id=correlation_id,
     )
-    send_after_commit(
-        session, execution.id, correlation_id, workflow_id=workflow_id, user_id=user_id
-    )
+    send_after_commit(session, execution.id, correlation_id)
     return execution
 
 
