@@ -23,7 +23,9 @@ With no monitoring channel (the embedded default), everything is Celery's own be
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from typing import Any
 
 import structlog
@@ -42,10 +44,17 @@ logger = structlog.get_logger(__name__)
 # Celery sub-commands that only watch the cluster: in them, app.connection() (what Flower
 # captures events with) is the monitoring connection. Workers and beat keep the broker.
 WATCHER_COMMANDS = frozenset({"flower", "events"})
+# After a failed event publish (monitoring Redis down), events are dropped this long.
+EVENT_PAUSE_SECONDS = 30.0
 
 
 class MonitorConnection(Connection):
     """A kombu connection to the monitoring channel (marks it apart from the broker's)."""
+
+    def get_heartbeat_interval(self) -> float:
+        # Redis has no AMQP heartbeats. Asked by the worker's loop at start: answering
+        # without connecting keeps a Redis outage from stopping the worker.
+        return 0
 
 
 def monitor_url(app: Celery | None) -> str | None:
@@ -71,6 +80,11 @@ def monitor_transport_options(key_prefix: str) -> dict[str, Any]:
         "socket_timeout": 10,
         "socket_connect_timeout": 5,
         "health_check_interval": 25,
+        # kombu retries a lost connection forever by default: a publish must give up.
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
     }
 
 
@@ -116,11 +130,37 @@ class MonitorEventDispatcher(EventDispatcher):
             self._own_connection = connection
         super().__init__(connection, hostname, enabled, channel, *args, **kwargs)
 
+        if getattr(self, "_own_connection", None) is not None:
+            # Events are monitoring data: during a Redis outage they are dropped, never
+            # buffered without bound, and never allowed to stall the worker's loop.
+            self.buffer_while_offline = False
+        self._paused_until = 0.0
+
     def close(self) -> None:
         super().close()
         own = getattr(self, "_own_connection", None)
         if own is not None:
             own.release()
+
+    def _publish(
+        self, event: Any, producer: Any, routing_key: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        if getattr(self, "_own_connection", None) is None:
+            return super()._publish(event, producer, routing_key, *args, **kwargs)
+        if time.monotonic() < self._paused_until:
+            return None
+        try:
+            return super()._publish(event, producer, routing_key, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - see above: drop, pause, say so once
+            self._paused_until = time.monotonic() + EVENT_PAUSE_SECONDS
+            logger.warning(
+                "monitor_events_dropped",
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                paused_seconds=EVENT_PAUSE_SECONDS,
+            )
+            with contextlib.suppress(Exception):
+                self._own_connection.collect()  # a fresh connection on the next try
+            return None
 
     def publish(self, type: str, fields: dict, producer: Any, *args: Any, **kwargs: Any) -> Any:
         # Callers that bring the broker's producer (the task-sent event) would publish to

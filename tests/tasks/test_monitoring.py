@@ -292,3 +292,36 @@ def test_inspect_events_and_flower_on_sqs(
     )
     wait_for(lambda: processes[0].proc.poll() is not None, 60)
     assert processes[0].proc.returncode == 0, processes[0].text()[-2000:]
+
+
+def test_worker_runs_executions_while_the_monitoring_redis_is_down(
+    worker_settings: Any,
+    monitor_env: dict[str, str],
+    pg_session: Any,
+    tmp_path: Path,
+    processes: list[Proc],
+) -> None:
+    """Monitoring is best effort: a worker whose monitoring Redis is unreachable starts,
+    runs executions, drops events (saying so) and keeps trying to reconnect."""
+    env = dict(monitor_env, MONITOR_URL=f"redis://127.0.0.1:{_free_port()}/0")
+    worker = Proc(
+        _celery(
+            "worker",
+            "--pool=solo",
+            "--loglevel=INFO",
+            "--without-mingle",
+            "--without-gossip",
+            f"--hostname=down{uuid.uuid4().hex[:6]}@test",
+        ),
+        env,
+        tmp_path / "worker-down.log",
+    )
+    processes.append(worker)
+    wait_for(lambda: " ready." in worker.text() or worker.proc.poll() is not None, 60)
+    assert worker.proc.poll() is None, worker.text()
+    execution_id = _enqueue()
+    assert wait_done(pg_session, execution_id, timeout=60).status.value == "completed"
+    assert worker.proc.poll() is None
+    wait_for(lambda: "monitor_events_dropped" in worker.text(), 30)
+    wait_for(lambda: "monitor_pidbox_reconnecting" in worker.text(), 60)
+    assert worker.proc.poll() is None
