@@ -987,7 +987,10 @@ def _describe_failure(exc: BaseException) -> tuple[str, int]:
     module = type(exc).__module__ or ""
     name = type(exc).__name__
     if module.startswith("sqlalchemy"):
-        return _describe_database_error(exc), EXIT_UNREACHABLE
+        line = _describe_database_error(exc)
+        if "no such table" in line or ("relation" in line and "does not exist" in line):
+            return f"{line} (schema not migrated? run `flowbuilder db upgrade`)", EXIT_USAGE
+        return line, EXIT_UNREACHABLE
     if module.startswith("alembic"):
         return f"migration failed: {str(exc).splitlines()[0] if str(exc) else name}", EXIT_USAGE
     if module.startswith(("botocore", "boto3")):

@@ -308,3 +308,11 @@ def test_cli_logging_honours_log_json(tmp_path: Path, moto_server: str, json_log
             assert json.loads(line)["event"].startswith("sqs_queue")
         else:
             assert not line.startswith("{")
+
+
+def test_unmigrated_database_says_to_migrate(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run_cli(["executions", "list"], tmp_path, DATABASE_URL=url)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "no such table" in line and "flowbuilder db upgrade" in line
