@@ -89,7 +89,13 @@ def setup_logging(
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         # Lines from the standard library (celery, kombu, sqlalchemy) get the same shape.
-        foreign_pre_chain=shared,
+        # ExtraAdder: the ids that flowbuilder.tasks.logcontext puts on Celery's records.
+        foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(
+                allow=("execution_id", "workflow_id", "user_id", "correlation_id")
+            ),
+            *shared,
+        ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)

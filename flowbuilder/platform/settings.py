@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -93,6 +94,13 @@ class Settings(BaseSettings):
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # RedBeat's keys in Redis; several deployments (or test runs) can share one Redis.
     REDBEAT_KEY_PREFIX: str = "redbeat:"
+    # The monitoring channel (Celery events and remote control: Flower, `celery inspect`).
+    # SQS cannot carry them (no fan-out), so they travel over Redis, apart from the tasks.
+    # Unset: REDIS_URL when the broker is SQS, none on the embedded default. "off": none.
+    MONITOR_URL: str | None = None
+    # Prefix of every Redis key and pub/sub channel of the monitoring channel, so that it
+    # never meets RedBeat's keys or another deployment sharing the Redis server.
+    MONITOR_KEY_PREFIX: str = Field(default="flowbuilder-monitor:", min_length=1, max_length=100)
 
     # --- execution ----------------------------------------------------------------
     EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)
@@ -193,6 +201,45 @@ class Settings(BaseSettings):
             raise ValueError("must be a URL such as scheme://...")
         return value
 
+    @field_validator("SQS_ENDPOINT_URL", "SECRETS_MANAGER_ENDPOINT_URL")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is empty; unset it to use AWS, or give http(s)://HOST:PORT")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s)://HOST:PORT URL")
+        return value
+
+    @field_validator("AWS_REGION")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        # botocore's own check (it would raise deep inside the first AWS call otherwise).
+        if not re.fullmatch(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)", value):
+            raise ValueError("is not a region name such as us-east-1")
+        return value
+
+    @field_validator("REDIS_URL", "MONITOR_URL")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() == "off":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        if not parts.hostname:
+            raise ValueError("must name a host, such as redis://HOST:6379/0")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError("must end with a database number, such as /0")
+        return value
+
     @model_validator(mode="after")
     def _visibility_above_execution(self) -> Settings:
         if self.SQS_VISIBILITY_TIMEOUT <= self.EXECUTION_TIMEOUT_SECONDS:
@@ -249,6 +296,15 @@ class Settings(BaseSettings):
         if self.BROKER_URL:
             return self.BROKER_URL
         return "filesystem://"
+
+    @property
+    def monitor_url(self) -> str | None:
+        """The Redis URL of the monitoring channel, or None when there is none."""
+        if self.MONITOR_URL is not None:
+            return None if self.MONITOR_URL.strip().lower() == "off" else self.MONITOR_URL
+        if self.broker_url.startswith("sqs://"):
+            return self.REDIS_URL
+        return None
 
     @property
     def log_level(self) -> str:

@@ -7,6 +7,7 @@ id only: never a definition, never a secret.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +43,8 @@ class ExecutionTask(Task):
     reject_on_worker_lost = True
     # Results are in the database; a result backend would only add a dependency.
     ignore_result = True
+    # Remembers the execution's ids for Celery's own "received" log line (logcontext.py).
+    Request = "flowbuilder.tasks.logcontext:ContextRequest"
 
 
 @app.task(
@@ -88,11 +91,21 @@ def execute_workflow(self: Task, execution_id: str) -> str:
 @app.task(bind=True, base=ExecutionTask, name="flowbuilder.sweep_stale_executions")
 def sweep_stale_executions(self: Task, limit: int = 100) -> int:
     """Re-send executions whose message may be lost (send failed after commit, or the
-    worker died and its message reached the dead-letter queue).
+    worker died and its message reached the dead-letter queue). Returns the sends made."""
+    found = take_stale_executions(limit)
+    sent = resend(found)
+    if found:
+        logger.info("stale_executions_resent", found=len(found), sent=sent)
+    return sent
 
-    Only what is due (``resend_after`` passed), at most ``limit`` per sweep, and each
-    re-send pushes the next one a visibility window further: a backlog is never flooded
-    (a copy per run per window at most; a duplicate is a no-op for the engine)."""
+
+def take_stale_executions(limit: int = 100) -> list[tuple[uuid.UUID, str | None]]:
+    """Claim the executions due for a re-send, in one committed unit of work.
+
+    Only what is due (``resend_after`` passed), at most ``limit``, and each one's next
+    re-send is pushed a visibility window further before anything is sent: a backlog is
+    never flooded (a copy per run per window at most; a duplicate is a no-op for the
+    engine). A send that then fails is retried by the sweep after that window."""
     settings = get_settings()
     now = utcnow()
     window = settings.SQS_VISIBILITY_TIMEOUT + settings.SWEEP_PENDING_AFTER_SECONDS
@@ -105,10 +118,30 @@ def sweep_stale_executions(self: Task, limit: int = 100) -> int:
         )
         for execution in stale:
             execution_crud.mark_sent(execution=execution, resend_after_seconds=window, now=now)
-            send_after_commit(session, execution.id, execution.correlation_id)
-    if stale:
-        logger.info("stale_executions_resent", count=len(stale))
-    return len(stale)
+        return [(e.id, e.correlation_id) for e in stale]
+
+
+def resend(
+    found: list[tuple[uuid.UUID, str | None]],
+    on_result: Callable[[uuid.UUID, BaseException | None], None] | None = None,
+) -> int:
+    """Send each execution's message; returns how many sends succeeded."""
+    sent = 0
+    for execution_id, correlation_id in found:
+        error: BaseException | None = None
+        try:
+            send_execution(execution_id, correlation_id)
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the sweep retries it
+            error = exc
+            logger.error(
+                "execution_send_failed",
+                execution_id=str(execution_id),
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+        if on_result is not None:
+            on_result(execution_id, error)
+    return sent
 
 
 # ----------------------------------------------------------------------------- enqueue
