@@ -438,7 +438,8 @@ class _DeadlineTransport(httpx.HTTPTransport):
     """httpx's own transport (no proxies from the environment), on the deadline backend."""
 
     def __init__(self, deadline: float) -> None:
-        super().__init__(trust_env=False)
+        # HTTPTransport.__init__ is not called: it would build a second pool and TLS
+        # context. Its methods only use ``_pool``.
         ssl_context = httpx.create_ssl_context(trust_env=False)
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context, network_backend=_DeadlineBackend(deadline)
