@@ -175,3 +175,25 @@ def test_worker_survives_poison_messages_and_dead_letters_exactly_them(
     assert "Received and deleted unknown message" not in text
     worker.stop()
     assert worker.proc.returncode == 0, worker.text()[-2000:]  # a clean, warm shutdown
+
+
+def test_when_the_copy_fails_the_log_says_the_message_stays(
+    spawn_worker: Any, fresh_queues: dict[str, Any]
+) -> None:
+    """The dead-letter queue is gone: the poison message cannot be copied, so it is not
+    deleted either, the log says it was left for the redrive policy, and the worker
+    keeps running."""
+    client = sqs.get_sqs_client()
+    client.delete_queue(QueueUrl=fresh_queues["dlq"])
+    client.send_message(QueueUrl=fresh_queues["url"], MessageBody="this is { not json")
+    worker = spawn_worker(SQS_QUEUE_PREFIX=fresh_queues["prefix"])
+
+    def left_in_queue() -> bool:
+        events = [line.get("event") for line in worker.lines()]
+        return "poison_message_left_in_queue" in events or worker.proc.poll() is not None
+
+    wait_for(left_in_queue, 60)
+    assert worker.proc.poll() is None, worker.text()[-3000:]
+    events = [line.get("event") for line in worker.lines()]
+    assert "poison_message_dead_lettered" not in events
+    assert _count(fresh_queues["url"]) == 1  # still there (in flight), not deleted
