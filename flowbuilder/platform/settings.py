@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     HTTP_MAX_RESPONSE_BYTES: int = Field(default=5 * 1024 * 1024, ge=1024)
     HTTP_MAX_REDIRECTS: int = Field(default=5, ge=0, le=20)
     MAX_DELAY_SECONDS: float = Field(default=60, ge=0)
+    # extract_text_from_html: bounds on the selector (checked when a definition is
+    # validated and when the node runs) and on the HTML it is run against.
+    CSS_SELECTOR_MAX_CHARS: int = Field(default=1000, ge=16, le=100_000)
+    CSS_SELECTOR_MAX_NESTING: int = Field(default=8, ge=1, le=64)
+    CSS_SELECTOR_MAX_SELECTORS: int = Field(default=32, ge=1, le=1000)
+    HTML_MAX_BYTES: int = Field(default=5 * 1024 * 1024, ge=1024)
+    HTML_MAX_ELEMENTS: int = Field(default=20_000, ge=10)
 
     # --- logging ------------------------------------------------------------------
     LOG_LEVEL: str = "INFO"

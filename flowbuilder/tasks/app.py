@@ -19,6 +19,7 @@ from flowbuilder.platform.logging import bind_context, clear_context, setup_logg
 from flowbuilder.platform.settings import Settings, get_settings
 from flowbuilder.tasks import logcontext
 from flowbuilder.tasks.monitor import MonitoredCelery, monitor_transport_options
+from flowbuilder.tasks.sqs_transport import CONSUMER, TRANSPORT
 
 EXECUTIONS_QUEUE = "executions"
 # The header that carries the API's correlation id into the worker's log lines.
@@ -92,6 +93,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": broker_url(settings),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        # A worker survives any message the queue holds: poison ones are dead-lettered.
+        "broker_transport": TRANSPORT if broker_url(settings).startswith("sqs://") else None,
+        "worker_consumer": CONSUMER,
         # Results live in PostgreSQL (the execution row), not in a result backend.
         "result_backend": None,
         "task_ignore_result": True,
@@ -106,6 +110,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A child killed by the OS (SIGKILL, OOM) gets its message re-queued rather than
         # acknowledged as failed; same cost as above.
         "task_reject_on_worker_lost": True,
+        # A task that raised (bad arguments, a bug) is rejected, not acknowledged: on SQS
+        # its message goes to the dead-letter queue instead of being deleted unseen.
+        "task_acks_on_failure": False,
         # Executions are long: a worker should not hoard messages that an idle worker
         # could run. One message per process at a time.
         "worker_prefetch_multiplier": 1,

@@ -175,10 +175,10 @@ def test_poison_messages(pool, worker_settings, pg_session, sweeper) -> None:
     p.spawn()
     p.spawn()
     row = ScenarioRow("poison messages + crash loop", faults=4)
-    # The unknown task is left for the dead-letter queue (never deleted unseen: in a
-    # rolling deploy a newer worker may know it); everything else is consumed.
+    # The unknown task and the two with bad arguments are refused into the dead-letter
+    # queue (kept for inspection, never deleted unseen); everything else is consumed.
     current = check_invariants(
-        row, pg_session, worker_settings, normal + crashing, p, timeout=180, dlq_expected=1
+        row, pg_session, worker_settings, normal + crashing, p, timeout=180, dlq_expected=3
     )
     row.faults += p.respawned
     assert _completed(current) == len(normal)
@@ -198,21 +198,11 @@ def test_undecodable_message(pool, worker_settings, pg_session, sweeper) -> None
     p.spawn()
     p.spawn()
     row = ScenarioRow("undecodable body", faults=2)
-    try:
-        # Not supervised: a worker killed by a message stays dead (that is the defect).
-        # Dead-lettered (kept for inspection) or deleted as undecodable: either is right.
-        check_invariants(
-            row,
-            pg_session,
-            worker_settings,
-            ids,
-            p,
-            timeout=60,
-            supervise=False,
-            dlq_expected=(0, 1, 2),
-        )
-    except AssertionError as exc:
-        pytest.xfail(f"fixed on the nodes branch: {exc}")
+    # Not supervised: a worker killed by a message would stay dead (the defect this
+    # proves gone). Each poison body is copied to the dead-letter queue, then deleted.
+    check_invariants(
+        row, pg_session, worker_settings, ids, p, timeout=60, supervise=False, dlq_expected=2
+    )
 
 
 # ------------------------------------------------------------------------ the database
