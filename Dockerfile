@@ -18,8 +18,11 @@ COPY migrations ./migrations
 
 # Editable install: `flowbuilder db upgrade` finds migrations/ beside the package
 # (flowbuilder/platform/migrate.py), which a regular wheel install would not carry.
-# Flower is a dev extra of the package; the image runs it too.
-RUN pip install -e . "flower>=2.0" \
+# Flower's dependencies are the `flower` extra, not part of a plain install (the API does
+# not need them); this one image also runs the flower service, so it installs the extra.
+# Build an image without it with `--build-arg EXTRAS=`.
+ARG EXTRAS=flower
+RUN pip install -e ".${EXTRAS:+[$EXTRAS]}" \
     && useradd --create-home --uid 10001 --user-group flowbuilder \
     && mkdir -p /app/.flowbuilder \
     && chown flowbuilder:flowbuilder /app/.flowbuilder

@@ -116,6 +116,9 @@ class Services:
             SQS_QUEUE_PREFIX=queue_prefix,
             FLOWBUILDER_HOME=str(self.home),
             REDIS_URL=REDIS_URL,
+            # The monitoring channel (events, remote control) stays on as in production,
+            # under this run's own prefix (deleted at the end with the other keys).
+            MONITOR_KEY_PREFIX=f"{self.redis_prefix}:monitor:",
         )
         values.update({k: str(v) for k, v in extra.items()})
         return values

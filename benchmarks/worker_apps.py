@@ -47,8 +47,6 @@ def _bare_config() -> dict[str, Any]:
     config["task_default_queue"] = BARE_QUEUE
     config["task_routes"] = {"bench.*": {"queue": BARE_QUEUE}}
     config.pop("beat_schedule", None)
-    config["worker_send_task_events"] = False
-    config["task_send_sent_event"] = False
     return config
 
 

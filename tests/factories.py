@@ -13,7 +13,7 @@ from flowbuilder.platform.models import User, UserCreate, Workflow, WorkflowCrea
 
 def make_user(session: Session, *, credits: int = 0, guest: bool = False, **fields: Any) -> User:
     if guest:
-        user, _token = user_crud.create_guest(session=session)
+        user, _token = user_crud.create_guest(session=session, client_key=uuid.uuid4().hex)
     else:
         fields.setdefault("email", f"user-{uuid.uuid4().hex[:10]}@example.com")
         user = user_crud.create_user(session=session, data=UserCreate(**fields))

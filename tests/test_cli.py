@@ -108,8 +108,7 @@ def test_unknown_command_fails(tmp_path: Path) -> None:
 
 def test_secrets_rotate_key_command(tmp_path: Path) -> None:
     """Secrets written under the old key are re-encrypted by the command and stay readable."""
-    from flowbuilder.platform import db
-    from flowbuilder.platform.crud import db_secret_crud
+    from flowbuilder.platform import db, db_secrets
     from flowbuilder.platform.crypto import DatabaseSecretManager
     from flowbuilder.platform.migrate import upgrade
     from flowbuilder.platform.models import DatabaseSecret
@@ -123,7 +122,7 @@ def test_secrets_rotate_key_command(tmp_path: Path) -> None:
     with factory() as s:
         user = make_user(s)
         for i in range(3):
-            db_secret_crud.create_db_secret(
+            db_secrets.create_db_secret(
                 session=s, user_id=user.id, name=f"s{i}", value=f"value-{i}", manager=old
             )
         s.commit()
@@ -141,7 +140,7 @@ def test_secrets_rotate_key_command(tmp_path: Path) -> None:
     with factory() as s:
         rows = list(s.exec(select(DatabaseSecret).order_by(DatabaseSecret.name)))
         assert {r.key_id for r in rows} == {new.key_id}
-        assert [new.decrypt_secret(r.encrypted_value) for r in rows] == [
+        assert [db_secrets.decrypt_row(r, new) for r in rows] == [
             "value-0",
             "value-1",
             "value-2",

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROCFILE = ROOT / "Procfile"
+PROCFILE_DEV = ROOT / "Procfile.dev"
+PYPROJECT = ROOT / "pyproject.toml"
 
 APP_SERVICES = ("migrate", "worker", "beat", "flower")
 CELERY_SERVICES = ("worker", "beat", "flower")
@@ -72,9 +75,9 @@ def _depends(service: dict[str, Any]) -> dict[str, str]:
     return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
 
 
-def _procfile() -> dict[str, str]:
+def _procfile(path: Path = PROCFILE) -> dict[str, str]:
     processes = {}
-    for line in PROCFILE.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, _, command = line.partition(":")
             assert re.fullmatch(r"[a-z][a-z0-9_-]*", name), line
@@ -116,10 +119,17 @@ def test_app_services_build_the_image(services: dict[str, Any]) -> None:
 
 
 def test_compose_commands(services: dict[str, Any]) -> None:
-    assert _argv(services["migrate"]["command"]) == ["flowbuilder", "db", "upgrade"]
+    # The one-shot job migrates, then creates the queue with its dead-letter queue.
+    migrate = _argv(services["migrate"]["command"])
+    assert migrate[:2] == ["sh", "-c"]
+    assert [shlex.split(part) for part in migrate[2].split("&&")] == [
+        ["flowbuilder", "db", "upgrade"],
+        ["flowbuilder", "sqs", "ensure-queues"],
+    ]
     worker = _argv(services["worker"]["command"])
     assert worker[:4] == ["celery", "-A", "flowbuilder.tasks", "worker"]
     assert "--loglevel=INFO" in worker
+    assert "--hostname=worker@%h" in worker
     beat = _argv(services["beat"]["command"])
     assert beat[:4] == ["celery", "-A", "flowbuilder.tasks", "beat"]
     assert _option(beat, "-S", "--scheduler") == "redbeat.RedBeatScheduler"
@@ -132,12 +142,18 @@ def test_compose_commands(services: dict[str, Any]) -> None:
 
 
 def test_compose_dependencies(services: dict[str, Any]) -> None:
-    assert _depends(services["migrate"]) == {"postgres": "service_healthy"}
+    assert _depends(services["migrate"]) == {
+        "postgres": "service_healthy",
+        "moto": "service_healthy",
+    }
     for name in CELERY_SERVICES:
         deps = _depends(services[name])
-        assert deps["postgres"] == "service_healthy", name
-        assert deps["migrate"] == "service_completed_successfully", name
-        assert {"redis", "moto"} <= set(deps), name
+        assert deps == {
+            "postgres": "service_healthy",
+            "redis": "service_healthy",
+            "moto": "service_healthy",
+            "migrate": "service_completed_successfully",
+        }, name
     # migrate runs once and stops; it must not be restarted forever.
     assert services["migrate"].get("restart", "no") == "no"
     # Every dependency is a service of the file.
@@ -151,8 +167,56 @@ def test_celery_services_share_the_env_anchor(
     text = COMPOSE.read_text(encoding="utf-8")
     assert re.search(r"^x-flowbuilder-env: &\S+", text, re.M)
     shared = {k: str(v) for k, v in compose["x-flowbuilder-env"].items()}
-    for name in CELERY_SERVICES:
+    for name in ("migrate", "worker", "beat"):
         assert _env(services[name]) == shared, name
+    # Flower: the same, plus its authentication (never in the other containers).
+    flower = _env(services["flower"])
+    assert {k: v for k, v in flower.items() if not k.startswith("FLOWER_")} == shared
+    assert set(flower) - set(shared) == {"FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API"}
+    match = REQUIRED_VAR.match(flower["FLOWER_BASIC_AUTH"])
+    assert match and match["name"] == "FLOWER_BASIC_AUTH"
+    assert flower["FLOWER_UNAUTHENTICATED_API"] == "false"
+
+
+def test_healthchecks_on_every_long_running_service(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if name == "migrate":
+            assert "healthcheck" not in service
+            continue
+        test = _argv(service["healthcheck"]["test"])
+        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+    worker = " ".join(_argv(services["worker"]["healthcheck"]["test"]))
+    # Remote control on the monitoring channel, addressed to this container's worker
+    # (`$$` is compose's escape for the shell's `$`).
+    assert "celery -A flowbuilder.tasks inspect ping" in worker
+    assert "-d worker@$${HOSTNAME}" in worker
+    beat = _argv(services["beat"]["healthcheck"]["test"])
+    assert beat[1:] == ["python", "-m", "flowbuilder.tasks.health", "beat"]
+    flower = " ".join(_argv(services["flower"]["healthcheck"]["test"]))
+    assert "http://localhost:5555/healthcheck" in flower
+    assert "moto-api" in " ".join(_argv(services["moto"]["healthcheck"]["test"]))
+
+
+def test_beat_healthcheck_reads_the_redbeat_lock(tmp_path: Path) -> None:
+    """`python -m flowbuilder.tasks.health beat` against the real Redis: unhealthy until
+    RedBeat's lock key `<REDBEAT_KEY_PREFIX>:lock` exists."""
+    import os
+
+    import redis
+
+    prefix = f"fbtest-health-{uuid.uuid4().hex[:8]}:"
+    env = dict(os.environ, REDBEAT_KEY_PREFIX=prefix, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "flowbuilder.tasks.health", "beat"]
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        missing = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert missing.returncode == 1 and f"{prefix}:lock missing" in missing.stdout
+        client.set(f"{prefix}:lock", "x", ex=60)
+        held = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert held.returncode == 0 and f"{prefix}:lock held" in held.stdout
+    finally:
+        client.delete(f"{prefix}:lock")
+        client.close()
 
 
 def test_worker_environment(services: dict[str, Any]) -> None:
@@ -218,7 +282,8 @@ def test_dockerfile() -> None:
     # migrations/ must sit beside the package for `flowbuilder db upgrade`.
     assert re.search(r"^COPY migrations ", text, re.M)
     assert re.search(r"^COPY .*alembic\.ini", text, re.M)
-    assert re.search(r"pip install -e \.", text)
+    assert re.search(r"^ARG EXTRAS=flower$", text, re.M)
+    assert 'pip install -e ".${EXTRAS:+[$EXTRAS]}"' in text
     # Never copy the whole context (a developer's .env or database would go in).
     assert not re.search(r"^COPY \. ", text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
@@ -231,11 +296,24 @@ def test_dockerfile() -> None:
 def test_procfile_processes() -> None:
     processes = _procfile()
     assert processes == {
-        "worker": "celery -A flowbuilder.tasks worker --loglevel=INFO",
+        "release": "flowbuilder db upgrade && flowbuilder sqs ensure-queues",
+        "worker": "celery -A flowbuilder.tasks worker --loglevel=INFO --hostname=worker@%h",
         "beat": "celery -A flowbuilder.tasks beat -S redbeat.RedBeatScheduler --loglevel=INFO",
         "flower": "celery -A flowbuilder.tasks flower --port=$PORT",
-        "release": "flowbuilder db upgrade",
     }
+
+
+def test_procfile_dev_runs_with_honcho_without_release() -> None:
+    """`honcho -f Procfile.dev start`: the long-running processes only (honcho would run
+    `release` as a process that exits, which stops all the others)."""
+    from honcho.environ import parse_procfile
+
+    dev = parse_procfile(PROCFILE_DEV.read_text(encoding="utf-8")).processes
+    assert set(dev) == {"worker", "beat", "flower"}
+    production = _procfile()
+    for name, command in dev.items():
+        assert command == production[name], name
+    assert "flowbuilder db upgrade && flowbuilder sqs ensure-queues" in PROCFILE_DEV.read_text()
 
 
 def test_procfile_celery_modules_exist() -> None:
@@ -246,6 +324,16 @@ def test_procfile_celery_modules_exist() -> None:
         assert app is flowbuilder.tasks.app is flowbuilder.tasks.celery
 
 
+def test_dependencies() -> None:
+    import tomllib
+
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    names = {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    assert {"kombu", "celery-redbeat", "celery", "redis"} <= names
+    assert "flower" not in names  # only where Flower runs
+    assert any(d.startswith("flower") for d in project["optional-dependencies"]["flower"])
+
+
 def test_redbeat_scheduler_imports() -> None:
     from redbeat import RedBeatScheduler
 
@@ -254,29 +342,53 @@ def test_redbeat_scheduler_imports() -> None:
     assert find_app("flowbuilder.tasks").conf.redbeat_redis_url
 
 
+def _release_steps() -> list[list[str]]:
+    return [shlex.split(part) for part in _procfile()["release"].split("&&")]
+
+
 def test_release_command_is_the_installed_cli() -> None:
-    argv = shlex.split(_procfile()["release"])
-    [ep] = entry_points(group="console_scripts", name=argv[0])
-    assert ep.value == "flowbuilder.cli:main"
+    for argv in _release_steps():
+        [ep] = entry_points(group="console_scripts", name=argv[0])
+        assert ep.value == "flowbuilder.cli:main"
 
 
-def test_release_command_upgrades_the_database(tmp_path: Path) -> None:
+def test_release_command_upgrades_the_database_and_creates_the_queues(
+    tmp_path: Path, moto_server: str
+) -> None:
     if importlib.util.find_spec("flowbuilder.cli") is None:
         pytest.skip("flowbuilder.cli is not written yet")
     url = f"sqlite:///{(tmp_path / 'release.db').as_posix()}"
-    argv = shlex.split(_procfile()["release"])[1:]
-    code = f"import sys; from flowbuilder.cli import main; sys.argv[1:] = {argv!r}; main()"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": url, "HOME": str(tmp_path)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    prefix = f"release-{uuid.uuid4().hex[:6]}-"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": url,
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "BROKER_URL": "sqs://",
+        "SQS_ENDPOINT_URL": moto_server,
+        "SQS_QUEUE_PREFIX": prefix,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    for argv in _release_steps():
+        code = f"import sys; from flowbuilder.cli import main; sys.argv[1:] = {argv[1:]!r}; main()"
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
     engine = sa.create_engine(url)
     try:
         assert "alembic_version" in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+    import boto3
+
+    client = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
+    queue = client.get_queue_url(QueueName=f"{prefix}executions")["QueueUrl"]
+    attrs = client.get_queue_attributes(QueueUrl=queue, AttributeNames=["RedrivePolicy"])
+    assert f"{prefix}executions-dlq" in attrs["Attributes"]["RedrivePolicy"]

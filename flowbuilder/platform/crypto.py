@@ -2,24 +2,35 @@
 
 Format of a stored value (one ASCII line)::
 
-    v1:<key_id>:<base64url(nonce || ciphertext || tag), no padding>
+    v2:<key_id>:<base64url(nonce || ciphertext || tag), no padding>
 
 - AES-256-GCM with a random 96-bit nonce per value.
 - The key is derived with PBKDF2-HMAC-SHA256 (``PBKDF2_ITERATIONS`` rounds) from
   SECRET_ENCRYPTION_PASSWORD and SECRET_ENCRYPTION_SALT, once per process per
-  (password, salt): the derivation is deliberately slow, so it is cached.
+  (password, salt): the derivation is deliberately slow, so it is cached. Weak material
+  is refused (see :mod:`flowbuilder.platform.key_material`).
 - ``key_id`` is a short fingerprint of the derived key (HMAC-SHA256(key, "key-id"), first
   16 hex digits). It tells decryption which key to use and cannot be turned back into
-  the key. ``v1:<key_id>`` is the AES-GCM associated data, so neither field can be
-  changed or swapped without the tag check failing.
+  the key.
+- **Binding.** A ``v2`` value is bound to the secret it belongs to: the AES-GCM associated
+  data is ``v2:<key_id>:<secret id>:<owner id>`` (a :class:`Binding`). The ids are not in
+  the token; they come from the row being read. So a ciphertext copied into another row,
+  or another user's row, fails the tag check instead of decrypting as that row's secret.
+- ``v1`` (associated data ``v1:<key_id>``) is the unbound format written before binding.
+  It is still read while ``flowbuilder secrets rotate-key`` moves rows to ``v2``, unless
+  SECRET_ACCEPT_V1_CIPHERTEXT is false (set it once rotation has finished: an old v1
+  ciphertext copied into another row is then refused too). A value encrypted without a
+  binding (no row to bind to) is still written as ``v1``; database secrets never are.
 - Decryption accepts the current key and, when SECRET_ENCRYPTION_OLD_PASSWORD is set,
   the previous one, chosen by key id. That is what lets ``rotate-key`` re-encrypt rows
   while the platform keeps running.
 
 Errors: every failure raises :class:`SecretError` (tampering, truncation, malformed
-token, unknown key). A missing password or salt raises :class:`EncryptionKeyMissing`,
-which is both a ``SecretError`` and a ``ConfigurationError`` so either ``except`` catches
-it. No message ever contains a plaintext, a password, a salt or key bytes.
+token, unknown key, wrong binding). A missing password or salt raises
+:class:`EncryptionKeyMissing` and weak material :class:`WeakKeyMaterial`, both a
+``SecretError`` and a ``ConfigurationError`` so either ``except`` catches them. Text that
+cannot be encoded (lone surrogates) raises ``ValidationFailed``. No message ever
+contains a plaintext, a password, a salt or key bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import hmac
 import os
 import re
 import threading
+import uuid
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -40,10 +52,16 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from pydantic import SecretStr
 
 from flowbuilder.platform.errors import ConfigurationError, SecretError
+from flowbuilder.platform.key_material import password_problem, salt_problem
 from flowbuilder.platform.settings import get_settings
+from flowbuilder.platform.text import require_encodable
 
 __all__ = [
     "FORMAT_VERSION",
+    "UNBOUND_VERSION",
+    "Binding",
+    "WeakKeyMaterial",
+    "token_version",
     "PBKDF2_ITERATIONS",
     "DatabaseSecretManager",
     "EncryptionKeyMissing",
@@ -53,7 +71,9 @@ __all__ = [
     "token_key_id",
 ]
 
-FORMAT_VERSION = "v1"
+FORMAT_VERSION = "v2"  # bound to (secret id, owner id)
+UNBOUND_VERSION = "v1"  # read during the move to v2; written only without a binding
+_VERSIONS = (FORMAT_VERSION, UNBOUND_VERSION)
 # OWASP's 2023 recommendation for PBKDF2-HMAC-SHA256.
 PBKDF2_ITERATIONS = 600_000
 KEY_BYTES = 32
@@ -67,6 +87,21 @@ _B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 class EncryptionKeyMissing(SecretError, ConfigurationError):
     """SECRET_ENCRYPTION_PASSWORD or SECRET_ENCRYPTION_SALT (or an old-key half) is unset."""
+
+
+class WeakKeyMaterial(SecretError, ConfigurationError):
+    """The password or salt given for the current key is too weak (see key_material)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What a v2 ciphertext belongs to: the secret's id and its owner's id."""
+
+    secret_id: uuid.UUID
+    owner_id: uuid.UUID
+
+    def associated(self) -> str:
+        return f"{uuid.UUID(str(self.secret_id))}:{uuid.UUID(str(self.owner_id))}"
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -127,8 +162,17 @@ def _derive(password: str, salt: str) -> _Key:
     return key
 
 
-def _aad(version: str, key_id: str) -> bytes:
-    return f"{version}:{key_id}".encode("ascii")
+def _aad(version: str, key_id: str, binding: Binding | None) -> bytes:
+    if version == UNBOUND_VERSION:
+        return f"{version}:{key_id}".encode("ascii")
+    assert binding is not None
+    return f"{version}:{key_id}:{binding.associated()}".encode("ascii")
+
+
+def token_version(token: str) -> str:
+    """The format version a stored token names (no decryption; SecretError if malformed)."""
+    version, _key_id, _body = _parse(token)
+    return version
 
 
 def _b64decode_strict(text: str) -> bytes:
@@ -162,9 +206,10 @@ def _parse(token: object) -> tuple[str, str, bytes]:
             f"malformed encrypted secret: expected '{FORMAT_VERSION}:<key id>:<data>'"
         )
     version, key_id, body = parts
-    if version != FORMAT_VERSION:
+    if version not in _VERSIONS:
         raise SecretError(
-            f"malformed encrypted secret: unsupported format version (expected {FORMAT_VERSION!r})"
+            "malformed encrypted secret: unsupported format version "
+            f"(expected {' or '.join(map(repr, _VERSIONS))})"
         )
     if not _KEY_ID_RE.fullmatch(key_id):
         raise SecretError(
@@ -185,12 +230,17 @@ class DatabaseSecretManager:
     Without arguments the keys come from the settings. Explicit values override them
     one by one; pass ``old_password=""`` to say "no old key" regardless of settings.
     When an old password is set without an old salt, the current salt is used with it
-    (rotating only the password is the common case).
+    (rotating only the password is the common case). ``accept_v1`` overrides
+    SECRET_ACCEPT_V1_CIPHERTEXT (whether bound reads accept the unbound v1 format).
+
+    A weak current password or salt raises :class:`WeakKeyMaterial` here (settings refuse
+    it at load already). The old key is not judged: it is only read, while rotate-key
+    moves away from it.
 
     Construction is cheap; the key is derived on first use, then cached per process.
     """
 
-    __slots__ = ("_password", "_salt", "_old_password", "_old_salt")
+    __slots__ = ("_password", "_salt", "_old_password", "_old_salt", "_accept_v1")
 
     def __init__(
         self,
@@ -199,9 +249,16 @@ class DatabaseSecretManager:
         *,
         old_password: str | SecretStr | None = None,
         old_salt: str | SecretStr | None = None,
+        accept_v1: bool | None = None,
     ) -> None:
         settings = None
-        if password is None or salt is None or old_password is None or old_salt is None:
+        if (
+            password is None
+            or salt is None
+            or old_password is None
+            or old_salt is None
+            or accept_v1 is None
+        ):
             settings = get_settings()
 
         def pick(given: str | SecretStr | None, setting: SecretStr | None) -> SecretStr | None:
@@ -223,6 +280,32 @@ class DatabaseSecretManager:
             if explicit_no_old
             else pick(old_salt, settings.SECRET_ENCRYPTION_OLD_SALT if settings else None)
         )
+        self._accept_v1 = (
+            bool(accept_v1) if accept_v1 is not None else settings.SECRET_ACCEPT_V1_CIPHERTEXT
+        )
+        self._check_material()
+
+    def _check_material(self) -> None:
+        """Refuse weak current key material with one line naming the half at fault."""
+        pw = self._password.get_secret_value() if self._password is not None else None
+        sl = self._salt.get_secret_value() if self._salt is not None else None
+        # Text that cannot be encoded is invalid input first (ValidationFailed), like
+        # everywhere else; only then is its strength judged.
+        require_encodable(
+            "encryption key", SECRET_ENCRYPTION_PASSWORD=pw, SECRET_ENCRYPTION_SALT=sl
+        )
+        for name, problem in (
+            ("SECRET_ENCRYPTION_PASSWORD", password_problem(pw, sl) if pw is not None else None),
+            ("SECRET_ENCRYPTION_SALT", salt_problem(sl, pw) if sl is not None else None),
+        ):
+            if problem is not None:
+                raise WeakKeyMaterial(f"weak encryption key: {name} {problem}")
+        for name, value in (
+            ("SECRET_ENCRYPTION_OLD_PASSWORD", self._old_password),
+            ("SECRET_ENCRYPTION_OLD_SALT", self._old_salt),
+        ):
+            if value is not None:
+                require_encodable("encryption key", **{name: value.get_secret_value()})
 
     def __repr__(self) -> str:
         old = ", old key configured" if self._old_password is not None else ""
@@ -294,40 +377,64 @@ class DatabaseSecretManager:
 
     # --- values ---------------------------------------------------------------------
 
-    def encrypt_secret(self, plaintext: str) -> str:
-        """Encrypt ``plaintext`` with the current key; returns a self-describing token."""
+    def encrypt_secret(self, plaintext: str, *, bound_to: Binding | None = None) -> str:
+        """Encrypt ``plaintext`` with the current key; returns a self-describing token.
+
+        With ``bound_to`` (what database secrets always pass) the token is v2 and only
+        decrypts with the same binding; without it, the unbound v1 format.
+        """
         if isinstance(plaintext, SecretStr):
             plaintext = plaintext.get_secret_value()
         if not isinstance(plaintext, str):
             raise SecretError(f"only text can be encrypted, got {type(plaintext).__name__}")
+        require_encodable("secret", plaintext=plaintext)
         key = self._current()
+        version = UNBOUND_VERSION if bound_to is None else FORMAT_VERSION
         nonce = os.urandom(NONCE_BYTES)
         sealed = key.aead.encrypt(
-            nonce, plaintext.encode("utf-8"), _aad(FORMAT_VERSION, key.key_id)
+            nonce, plaintext.encode("utf-8"), _aad(version, key.key_id, bound_to)
         )
         body = base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
-        return f"{FORMAT_VERSION}:{key.key_id}:{body}"
+        return f"{version}:{key.key_id}:{body}"
 
-    def decrypt_secret(self, token: str) -> str:
-        """Decrypt a token made by :meth:`encrypt_secret` with the current or old key."""
+    def decrypt_secret(self, token: str, *, bound_to: Binding | None = None) -> str:
+        """Decrypt a token made by :meth:`encrypt_secret` with the current or old key.
+
+        A v2 token needs the binding it was made with. A v1 token read for a bound secret
+        (``bound_to`` given) is refused when v1 is no longer accepted.
+        """
         version, key_id, raw = _parse(token)
+        if version == FORMAT_VERSION and bound_to is None:
+            raise SecretError(
+                "encrypted secret is bound to its secret and owner: decrypt it with its binding"
+            )
+        if version == UNBOUND_VERSION and bound_to is not None and not self._accept_v1:
+            raise SecretError(
+                "encrypted secret is in the unbound v1 format, which is no longer accepted "
+                "(SECRET_ACCEPT_V1_CIPHERTEXT=false); it must be re-encrypted by rotate-key "
+                "while v1 is accepted, or stored again"
+            )
         key = self._key_for(key_id)
         nonce, sealed = raw[:NONCE_BYTES], raw[NONCE_BYTES:]
         try:
-            data = key.aead.decrypt(nonce, sealed, _aad(version, key_id))
+            data = key.aead.decrypt(nonce, sealed, _aad(version, key_id, bound_to))
         except InvalidTag:
             raise SecretError(
                 f"encrypted secret failed authentication (key {key_id}): the data was "
-                "altered or truncated, or it was encrypted with a different key"
+                "altered, truncated or moved from another secret, or it was encrypted with "
+                "a different key"
             ) from None
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:  # pragma: no cover - only our own encrypt made it
             raise SecretError("decrypted secret is not valid UTF-8") from None
 
-    def reencrypt_secret(self, token: str) -> str:
-        """Decrypt with whichever accepted key the token names; encrypt with the current."""
-        return self.encrypt_secret(self.decrypt_secret(token))
+    def reencrypt_secret(self, token: str, *, bound_to: Binding | None = None) -> str:
+        """Decrypt with whichever accepted key the token names; encrypt with the current.
+
+        With ``bound_to`` the result is the bound v2 form (a v1 token is bound on the way).
+        """
+        return self.encrypt_secret(self.decrypt_secret(token, bound_to=bound_to), bound_to=bound_to)
 
 
 def current_key_id() -> str:
@@ -335,11 +442,11 @@ def current_key_id() -> str:
     return DatabaseSecretManager().key_id
 
 
-def encrypt_secret(plaintext: str) -> str:
+def encrypt_secret(plaintext: str, *, bound_to: Binding | None = None) -> str:
     """Encrypt with the configured key (see :class:`DatabaseSecretManager`)."""
-    return DatabaseSecretManager().encrypt_secret(plaintext)
+    return DatabaseSecretManager().encrypt_secret(plaintext, bound_to=bound_to)
 
 
-def decrypt_secret(token: str) -> str:
+def decrypt_secret(token: str, *, bound_to: Binding | None = None) -> str:
     """Decrypt with the configured current or old key."""
-    return DatabaseSecretManager().decrypt_secret(token)
+    return DatabaseSecretManager().decrypt_secret(token, bound_to=bound_to)

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 import structlog
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -38,6 +39,7 @@ from pydantic import (
 )
 
 from flowbuilder.platform.errors import ValidationFailed
+from flowbuilder.platform.jsonvalues import MAX_DOCUMENT_DEPTH, Unstorable, make_storable
 from flowbuilder.platform.nodes import NodeType, find_node_type, node_types
 from flowbuilder.platform.nodes.base import describe_type, types_compatible, value_matches
 from flowbuilder.platform.settings import get_settings
@@ -47,11 +49,29 @@ logger = structlog.get_logger(__name__)
 CURRENT_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 MAX_ID_LENGTH = 200
+# Node ids and node types are stored per phase (ExecutionPhase.node_id and .node_type,
+# 100 characters): a longer id would validate and then never run.
+MAX_NODE_ID_LENGTH = 100
 # Static input values nest at most this deep (pydantic refuses to serialize past ~250).
 MAX_INPUT_DEPTH = 64
 
-NodeId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
-HandleName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+
+def _printable(value: str) -> str:
+    """Ids and names end up in columns, logs and URLs: no control characters (NUL
+    included, which PostgreSQL cannot store at all)."""
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+NodeId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_NODE_ID_LENGTH),
+    AfterValidator(_printable),
+]
+HandleName = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(_printable)
+]
 
 # Problem codes (see docs/definition-format.md).
 INVALID_JSON = "invalid_json"
@@ -100,7 +120,7 @@ class NodeDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: NodeId = Field(description="unique within the workflow; edges refer to it")
-    type: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)] = Field(
+    type: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NODE_ID_LENGTH)] = Field(
         description="a registered node type, e.g. http_request"
     )
     inputs: dict[str, Any] = Field(
@@ -152,7 +172,10 @@ class EdgeDefinition(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    id: Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)] | None = None
+    id: (
+        Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH), AfterValidator(_printable)]
+        | None
+    ) = None
     source: NodeId
     source_handle: HandleName = Field(alias="sourceHandle", description="an output name")
     target: NodeId
@@ -339,6 +362,18 @@ def _load(raw: Any, max_bytes: int) -> tuple[Any, DefinitionProblem | None]:
         return None, DefinitionProblem("", INVALID_JSON, "not valid JSON: nested too deeply")
     except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         return None, DefinitionProblem("", INVALID_JSON, f"not valid JSON: {exc}")
+
+
+def storability_problem(data: Any) -> DefinitionProblem | None:
+    """Whether the database can store ``data`` as JSON: no NUL or lone surrogate in any
+    string or key, no NaN or Infinity, nesting within MAX_DOCUMENT_DEPTH. One iterative
+    pass; used for drafts too (they are stored before they are ever validated)."""
+    try:
+        make_storable(data, max_depth=MAX_DOCUMENT_DEPTH, repair=False)
+    except Unstorable as exc:
+        code = TOO_DEEP if "nested deeper" in exc.problem else INVALID_VALUE
+        return DefinitionProblem(exc.path, code, exc.problem)
+    return None
 
 
 def _too_large(max_bytes: int) -> DefinitionProblem:
@@ -723,6 +758,8 @@ def validate_definition(
     """
     settings = get_settings()
     data, problem = _load(raw, settings.MAX_DEFINITION_BYTES)
+    if problem is None:
+        problem = storability_problem(data)
     if problem is not None:
         raise ValidationFailed([problem], what="workflow definition")
     validator = _Validator(_owned_set(owned_credential_ids))

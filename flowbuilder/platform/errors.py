@@ -78,3 +78,28 @@ class ValidationFailed(FlowBuilderError):
 
 class SecretError(FlowBuilderError):
     """A secret could not be stored, decrypted or retrieved. Never carries the value."""
+
+
+# --- node errors ------------------------------------------------------------------------
+# Raised by node types and by the outbound HTTP guard (``ssrf``). They live here, not in
+# ``nodes.base`` (which re-exports them), so that ``ssrf`` needs nothing from the
+# ``nodes`` package and ``nodes.http`` can import ``ssrf`` without an import cycle.
+
+
+class NodeError(FlowBuilderError):
+    """A node failed permanently (bad input, 4xx answer, ...). Retrying will not help.
+
+    Messages are shown to the workflow's owner and never contain a credential value.
+    """
+
+
+class TransientNodeError(NodeError, TransientError):
+    """A node failed in a way that may pass on a retry (5xx, connection reset, timeout)."""
+
+
+class NodeTimeout(TransientNodeError):
+    """The node ran out of time (its own deadline, or an outbound call's timeout)."""
+
+
+class NodeCancelled(NodeError):
+    """The execution was cancelled while the node was running."""

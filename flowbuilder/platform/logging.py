@@ -89,7 +89,13 @@ def setup_logging(
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         # Lines from the standard library (celery, kombu, sqlalchemy) get the same shape.
-        foreign_pre_chain=shared,
+        # ExtraAdder: the ids that flowbuilder.tasks.logcontext puts on Celery's records.
+        foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(
+                allow=("execution_id", "workflow_id", "user_id", "correlation_id")
+            ),
+            *shared,
+        ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -102,10 +108,13 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level_name)
     # Chatty libraries stay at WARNING unless we debug.
-    for noisy in ("botocore", "boto3", "urllib3", "kombu", "httpx", "httpcore"):
+    for noisy in ("botocore", "boto3", "urllib3", "kombu", "httpx"):
         logging.getLogger(noisy).setLevel(
             logging.DEBUG if level_name == "DEBUG" else logging.WARNING
         )
+    # httpcore's debug trace prints raw response headers, which a server may use to echo a
+    # credential back; the platform's own outbound_request line says what matters.
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     _configured = True
 
 

@@ -36,3 +36,61 @@ def upgrade_engine(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+
+
+def current_revision(*, database_url: str | None = None) -> str | None:
+    """The revision the database is at (None: no schema yet). Several heads: joined by ','."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from flowbuilder.platform.settings import get_settings
+
+    url = database_url or get_settings().database_url
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            heads = MigrationContext.configure(conn).get_current_heads()
+    finally:
+        engine.dispose()
+    return ",".join(sorted(heads)) or None
+
+
+def resolve_revision(revision: str, *, database_url: str | None = None) -> str | None:
+    """The revision id that ``revision`` names ("head", a prefix, ...); None for "base".
+
+    Raises ValidationFailed for a revision that the migrations do not know.
+    """
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    from flowbuilder.platform.errors import ValidationFailed
+
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    if revision == "base":
+        return None
+    try:
+        resolved = script.get_revisions(revision)
+    except (CommandError, KeyError, ValueError) as exc:
+        known = ", ".join(sorted(script.get_heads()))
+        raise ValidationFailed(
+            [f"unknown revision {revision!r} (head: {known})"], "Alembic revision"
+        ) from exc
+    if len(resolved) != 1 or resolved[0] is None:
+        raise ValidationFailed([f"{revision!r} names {len(resolved)} revisions"], "revision")
+    return resolved[0].revision
+
+
+def is_ancestor(older: str | None, newer: str, *, database_url: str | None = None) -> bool:
+    """True when ``older`` (None: base) lies strictly below ``newer``."""
+    from alembic.script import ScriptDirectory
+
+    if older == newer:
+        return False
+    if older is None:
+        return True
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    return any(rev.revision == older for rev in script.iterate_revisions(newer, "base"))
+
+
+def downgrade(revision: str, *, database_url: str | None = None) -> None:
+    command.downgrade(alembic_config(database_url), revision)

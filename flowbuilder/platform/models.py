@@ -333,6 +333,8 @@ class WorkflowExecution(SQLModel, table=True):
         # the sweep: pending or running executions by age.
         sa.Index("ix_workflow_execution_status_created", "status", "created_at"),
         sa.Index("ix_workflow_execution_workflow", "workflow_id"),
+        # the sweep: what is due for a re-send, oldest first (a bounded range scan).
+        sa.Index("ix_workflow_execution_status_resend", "status", "resend_after"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -358,6 +360,10 @@ class WorkflowExecution(SQLModel, table=True):
     duration_ms: int | None = None
     # When the task message was last sent (the sweep re-sends stale pending runs).
     enqueued_at: datetime | None = _ts()
+    # When the sweep may re-send this execution's message if it has not ended: set at
+    # enqueue (SWEEP_PENDING_AFTER_SECONDS later) and pushed a visibility window further
+    # by each re-send, so a run is re-sent at most once per window, whatever the backlog.
+    resend_after: datetime | None = _ts()
 
 
 class ExecutionRead(SQLModel):

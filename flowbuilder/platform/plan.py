@@ -21,6 +21,7 @@ from typing import Any
 
 from flowbuilder.platform.definitions import WorkflowDefinition
 from flowbuilder.platform.errors import FlowBuilderError
+from flowbuilder.platform.jsonvalues import copy_json
 from flowbuilder.platform.nodes import find_node_type
 from flowbuilder.platform.nodes.base import NodeError
 
@@ -162,7 +163,8 @@ class ExecutionPlan:
         inputs, overridden by the values arriving on its incoming edges.
 
         ``outputs_by_node`` maps each finished node id to its outputs. A static
-        ``null`` counts as no value. Values are deep-copied so a node that mutates its
+        ``null`` counts as no value. Values are copied (iteratively: deep values never
+        raise RecursionError) so a node that mutates its
         inputs cannot change the plan or another node's outputs. Raises MissingInput
         when a required input ends up without a value (e.g. an upstream node did not
         produce the output), PlanError when an upstream node has not run.
@@ -171,10 +173,10 @@ class ExecutionPlan:
         inputs: dict[str, Any] = {}
         for name, value in node.defaults.items():
             if value is not None:
-                inputs[name] = copy.deepcopy(value)
+                inputs[name] = copy_json(value)
         for name, value in node.static_inputs.items():
             if value is not None:
-                inputs[name] = copy.deepcopy(value)
+                inputs[name] = copy_json(value)
         for binding in node.bindings:
             upstream = outputs_by_node.get(binding.source_node)
             if upstream is None:
@@ -183,7 +185,7 @@ class ExecutionPlan:
                     "which has not run"
                 )
             if binding.source_handle in upstream:
-                inputs[binding.input] = copy.deepcopy(upstream[binding.source_handle])
+                inputs[binding.input] = copy_json(upstream[binding.source_handle])
         for name in node.required_inputs:
             if inputs.get(name) is None:
                 raise MissingInput(f"required input {name!r} of node {node_id!r} has no value")

@@ -4,9 +4,14 @@
 anywhere else (``Credential.secret_ref``). References name their backend, so a secret
 stays readable after USE_DB_SECRETS changes:
 
-- ``db:<DatabaseSecret uuid>``: AES-256-GCM ciphertext in ``database_secret``.
+- ``db:<DatabaseSecret uuid>``: AES-256-GCM ciphertext in ``database_secret``, bound to
+  its row id and owner (:mod:`flowbuilder.platform.db_secrets`), so a ciphertext copied
+  into another row does not decrypt.
 - ``aws:<secret ARN>``: a Secrets Manager secret named
-  ``{SECRETS_MANAGER_PREFIX}{user_id}/{name}-{random}`` and tagged with the user id.
+  ``{SECRETS_MANAGER_PREFIX}{user_id}/{name}-{random}`` and tagged with the user id. On
+  every read and delete both are verified: the name (from the reference and as Secrets
+  Manager reports it) must be under the user's prefix and the tag must name the user, so
+  another user's ARN put into a credential row is refused like a missing secret.
 
 Every read and delete is scoped by user id. Another user's reference fails exactly like
 a missing one (``NotFound("secret", reference)``); a reference that is not even shaped
@@ -35,10 +40,11 @@ from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from pydantic import SecretStr
 from sqlmodel import Session
 
-from flowbuilder.platform.crud import db_secret_crud
+from flowbuilder.platform import db_secrets
 from flowbuilder.platform.crypto import DatabaseSecretManager
 from flowbuilder.platform.errors import NotFound, SecretError, ValidationFailed
 from flowbuilder.platform.settings import get_settings
+from flowbuilder.platform.text import unencodable_problem
 
 logger = structlog.get_logger(__name__)
 
@@ -134,6 +140,8 @@ def _check_inputs(secret_name: object, secret_value: object) -> str:
     problems = []
     if not isinstance(secret_name, str) or not secret_name.strip():
         problems.append("secret_name: must be a non-empty string")
+    elif problem := unencodable_problem("secret_name", secret_name):
+        problems.append(problem)
     elif len(secret_name) > MAX_NAME_CHARS:
         problems.append(f"secret_name: at most {MAX_NAME_CHARS} characters")
     if isinstance(secret_value, SecretStr):
@@ -142,6 +150,8 @@ def _check_inputs(secret_name: object, secret_value: object) -> str:
         problems.append(f"secret_value: must be a string, got {type(secret_value).__name__}")
     elif not secret_value:
         problems.append("secret_value: must not be empty")
+    elif problem := unencodable_problem("secret_value", secret_value):
+        problems.append(problem)
     if problems:
         raise ValidationFailed(problems, what="secret")
     assert isinstance(secret_value, str)
@@ -207,8 +217,12 @@ def _create_aws(secret_name: str, value: str, user_id: uuid.UUID) -> str:
     return f"{AWS_SCHEME}:{response['ARN']}"
 
 
-def _owned_aws_secret(ref: _Ref, reference: str, user_id: uuid.UUID) -> Any:
-    """Check that the ARN names this user's secret, then confirm with its tag."""
+def _owned_aws_secret(ref: _Ref, reference: str, user_id: uuid.UUID) -> tuple[Any, str]:
+    """Check that the ARN names this user's secret, then confirm with its name and tag.
+
+    Returns the client and the secret's full ARN as Secrets Manager reports it; later
+    calls use that exact ARN, never the reference's text again.
+    """
     assert ref.name is not None and ref.arn is not None
     if not ref.name.startswith(_user_prefix(user_id)):
         raise NotFound("secret", reference)
@@ -220,19 +234,35 @@ def _owned_aws_secret(ref: _Ref, reference: str, user_id: uuid.UUID) -> Any:
             raise NotFound("secret", reference) from None
         raise _aws_error("describe_secret", exc) from exc
     tags = {t.get("Key"): t.get("Value") for t in described.get("Tags") or []}
-    if tags.get(USER_TAG) != str(user_id) or described.get("DeletedDate") is not None:
+    # The name as Secrets Manager knows it, not only as the reference spells it: a
+    # partial ARN may resolve to a secret other than the one its text suggests.
+    actual_name = described.get("Name")
+    if (
+        tags.get(USER_TAG) != str(user_id)
+        or not isinstance(actual_name, str)
+        or not actual_name.startswith(_user_prefix(user_id))
+        or described.get("DeletedDate") is not None
+    ):
+        logger.warning("secret_owner_mismatch", ref=reference, user_id=str(user_id))
         raise NotFound("secret", reference)
-    return client
+    arn = described.get("ARN")
+    if not isinstance(arn, str) or not arn:
+        raise SecretError("secrets manager describe_secret returned no ARN")
+    return client, arn
 
 
 def _retrieve_aws(ref: _Ref, reference: str, user_id: uuid.UUID) -> str:
-    client = _owned_aws_secret(ref, reference, user_id)
+    client, arn = _owned_aws_secret(ref, reference, user_id)
     try:
-        response = client.get_secret_value(SecretId=ref.arn)
+        response = client.get_secret_value(SecretId=arn)
     except (ClientError, BotoCoreError) as exc:
         if _is_not_found(exc):
             raise NotFound("secret", reference) from None
         raise _aws_error("get_secret_value", exc) from exc
+    if response.get("ARN") != arn:
+        # The value must come from the very secret whose owner was just verified.
+        logger.warning("secret_owner_mismatch", ref=reference, user_id=str(user_id))
+        raise NotFound("secret", reference)
     value = response.get("SecretString")
     if value is None:
         raise SecretError(f"secret {reference} holds binary data, not text")
@@ -240,9 +270,9 @@ def _retrieve_aws(ref: _Ref, reference: str, user_id: uuid.UUID) -> str:
 
 
 def _delete_aws(ref: _Ref, reference: str, user_id: uuid.UUID) -> None:
-    client = _owned_aws_secret(ref, reference, user_id)
+    client, arn = _owned_aws_secret(ref, reference, user_id)
     try:
-        client.delete_secret(SecretId=ref.arn, ForceDeleteWithoutRecovery=True)
+        client.delete_secret(SecretId=arn, ForceDeleteWithoutRecovery=True)
     except (ClientError, BotoCoreError) as exc:
         if _is_not_found(exc):
             raise NotFound("secret", reference) from None
@@ -263,7 +293,7 @@ def create_secret(
     """
     value = _check_inputs(secret_name, secret_value)
     if get_settings().USE_DB_SECRETS:
-        row = db_secret_crud.create_db_secret(
+        row = db_secrets.create_db_secret(
             session=session, user_id=user_id, name=secret_name, value=value
         )
         reference = f"{DB_SCHEME}:{row.id}"
@@ -279,12 +309,10 @@ def retrieve_secret(reference: str, session: Session, user_id: uuid.UUID) -> str
     if ref.scheme == DB_SCHEME:
         assert ref.db_id is not None
         try:
-            row = db_secret_crud.get_db_secret(
-                session=session, secret_id=ref.db_id, user_id=user_id
-            )
+            row = db_secrets.get_db_secret(session=session, secret_id=ref.db_id, user_id=user_id)
         except NotFound:
             raise NotFound("secret", reference) from None
-        value = DatabaseSecretManager().decrypt_secret(row.encrypted_value)
+        value = db_secrets.decrypt_row(row)
     else:
         value = _retrieve_aws(ref, reference, user_id)
     logger.debug("secret_retrieved", ref=reference, user_id=str(user_id))
@@ -306,9 +334,7 @@ def delete_secret(
         if ref.scheme == DB_SCHEME:
             assert ref.db_id is not None
             try:
-                db_secret_crud.delete_db_secret(
-                    session=session, secret_id=ref.db_id, user_id=user_id
-                )
+                db_secrets.delete_db_secret(session=session, secret_id=ref.db_id, user_id=user_id)
             except NotFound:
                 raise NotFound("secret", reference) from None
         else:
@@ -330,8 +356,9 @@ class RotationReport:
     """What a :func:`rotate_database_key` run did.
 
     ``failed_ids`` lists rows that neither key could decrypt (left untouched);
-    ``remaining`` counts rows still not on the new key when the run ended (failed rows,
-    plus rows another transaction held locked, which a rerun picks up).
+    ``remaining`` counts rows still not on the new key, or still in the unbound v1 format,
+    when the run ended (failed rows, plus rows another transaction held locked, which a
+    rerun picks up). Once it is 0, SECRET_ACCEPT_V1_CIPHERTEXT can be set to false.
     """
 
     key_id: str
@@ -356,15 +383,18 @@ def rotate_database_key(
     old: KeySpec | None = None,
     new: KeySpec | None = None,
 ) -> RotationReport:
-    """Re-encrypt every database secret not on the new key, in committed batches.
+    """Re-encrypt every database secret not on the new key or not bound, in committed batches.
 
     ``new`` defaults to SECRET_ENCRYPTION_PASSWORD/SALT and ``old`` to
     SECRET_ENCRYPTION_OLD_PASSWORD/OLD_SALT. Each batch is one transaction from
     ``session_factory()`` (which commits on exit): lock up to ``batch_size`` rows whose
-    key id is not the new one (SKIP LOCKED on PostgreSQL), decrypt with the old (or
-    new) key, encrypt with the new one, commit. An interrupted run loses at most its
-    current batch, and rerunning simply continues with the rows still on the old key.
-    A row neither key decrypts is reported and skipped, never overwritten.
+    key id is not the new one or whose ciphertext is still the unbound v1 format (SKIP
+    LOCKED on PostgreSQL), decrypt with the old (or new) key, encrypt with the new one
+    bound to the row's id and owner (v2), commit. An interrupted run loses at most its
+    current batch, and rerunning simply continues with the rows still to do. The
+    platform keeps running meanwhile: reads accept both formats and both keys.
+    A row neither key decrypts is reported and skipped, never overwritten; so is a v1
+    row once SECRET_ACCEPT_V1_CIPHERTEXT is false.
     """
     if batch_size < 1:
         raise ValidationFailed([f"batch_size: must be at least 1, got {batch_size}"], "rotation")
@@ -382,7 +412,7 @@ def rotate_database_key(
     cursor: uuid.UUID | None = None
     while True:
         with session_factory() as session:
-            rows = db_secret_crud.lock_db_secrets_not_on_key(
+            rows = db_secrets.lock_db_secrets_not_on_key(
                 session=session, key_id=target, limit=batch_size, after_id=cursor
             )
             if not rows:
@@ -390,7 +420,9 @@ def rotate_database_key(
             rotated = 0
             for row in rows:
                 try:
-                    token = manager.reencrypt_secret(row.encrypted_value)
+                    token = manager.reencrypt_secret(
+                        row.encrypted_value, bound_to=db_secrets.binding_of(row.id, row.user_id)
+                    )
                 except SecretError as exc:
                     report.failed += 1
                     report.failed_ids.append(row.id)
@@ -401,7 +433,7 @@ def rotate_database_key(
                         error=str(exc),
                     )
                     continue
-                db_secret_crud.set_db_secret_ciphertext(
+                db_secrets.set_db_secret_ciphertext(
                     session=session, row=row, encrypted_value=token, key_id=target
                 )
                 rotated += 1
@@ -416,9 +448,7 @@ def rotate_database_key(
             total_rotated=report.rotated,
         )
     with session_factory() as session:
-        report.remaining = db_secret_crud.count_db_secrets_not_on_key(
-            session=session, key_id=target
-        )
+        report.remaining = db_secrets.count_db_secrets_not_on_key(session=session, key_id=target)
     logger.info(
         "secret_rotation_finished",
         key_id=target,

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flowbuilder.platform.errors import ConfigurationError
+from flowbuilder.platform.key_material import password_problem, salt_problem
 
 # Values that mean "somebody copied the example file and never changed it".
 _PLACEHOLDERS = frozenset(
@@ -71,6 +73,11 @@ class Settings(BaseSettings):
     # The previous key, accepted for decryption while `flowbuilder secrets rotate-key` runs.
     SECRET_ENCRYPTION_OLD_PASSWORD: SecretStr | None = None
     SECRET_ENCRYPTION_OLD_SALT: SecretStr | None = None
+    # Read ciphertext of the unbound v1 format (written before secrets were bound to their
+    # id and owner). True while `flowbuilder secrets rotate-key` moves rows to the bound
+    # form; set it to false once rotate-key reports none remaining, so that an old v1
+    # ciphertext copied into another row (from a backup, say) is refused.
+    SECRET_ACCEPT_V1_CIPHERTEXT: bool = True
     SECRETS_MANAGER_ENDPOINT_URL: str | None = None
     SECRETS_MANAGER_PREFIX: str = "flowbuilder/"
 
@@ -87,17 +94,36 @@ class Settings(BaseSettings):
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # RedBeat's keys in Redis; several deployments (or test runs) can share one Redis.
     REDBEAT_KEY_PREFIX: str = "redbeat:"
+    # The monitoring channel (Celery events and remote control: Flower, `celery inspect`).
+    # SQS cannot carry them (no fan-out), so they travel over Redis, apart from the tasks.
+    # Unset: REDIS_URL when the broker is SQS, none on the embedded default. "off": none.
+    MONITOR_URL: str | None = None
+    # Prefix of every Redis key and pub/sub channel of the monitoring channel, so that it
+    # never meets RedBeat's keys or another deployment sharing the Redis server.
+    MONITOR_KEY_PREFIX: str = Field(default="flowbuilder-monitor:", min_length=1, max_length=100)
 
     # --- execution ----------------------------------------------------------------
     EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)
     LEASE_SECONDS: float = Field(default=60, gt=0)
     SWEEP_PENDING_AFTER_SECONDS: float = Field(default=300, gt=0)
     PHASE_OUTPUT_MAX_BYTES: int = Field(default=256 * 1024, ge=1024)
+    # Node outputs nested deeper than this fail the node (nothing downstream could use
+    # them, and deep values crash recursive encoders).
+    PHASE_OUTPUT_MAX_DEPTH: int = Field(default=64, ge=2, le=500)
+    # Every run ends: an execution whose run was interrupted (worker crash, database
+    # loss) this many times ends failed, and so does one still unfinished this long
+    # after its first start (redeliveries included).
+    EXECUTION_MAX_ATTEMPTS: int = Field(default=5, ge=1, le=100)
+    EXECUTION_MAX_TOTAL_SECONDS: float = Field(default=3 * 3600, gt=0)
     # Refund the credits of a phase whose node failed (the user paid for nothing).
     REFUND_FAILED_PHASES: bool = True
     RATE_LIMIT_WINDOW_SECONDS: int = Field(default=60, ge=1)
     RATE_LIMIT_USER: int = Field(default=60, ge=0)
     RATE_LIMIT_GUEST: int = Field(default=5, ge=0)
+    # Guest creation per client key (the API passes e.g. the client IP): without it the
+    # per-guest limits are sidestepped by creating new guests.
+    RATE_LIMIT_GUEST_CREATION: int = Field(default=10, ge=0)
+    RATE_LIMIT_GUEST_CREATION_WINDOW_SECONDS: int = Field(default=3600, ge=1)
     GUEST_SESSION_TTL_SECONDS: int = Field(default=24 * 3600, ge=60)
 
     # --- definitions and outbound calls ---------------------------------------------
@@ -110,6 +136,13 @@ class Settings(BaseSettings):
     HTTP_MAX_RESPONSE_BYTES: int = Field(default=5 * 1024 * 1024, ge=1024)
     HTTP_MAX_REDIRECTS: int = Field(default=5, ge=0, le=20)
     MAX_DELAY_SECONDS: float = Field(default=60, ge=0)
+    # extract_text_from_html: bounds on the selector (checked when a definition is
+    # validated and when the node runs) and on the HTML it is run against.
+    CSS_SELECTOR_MAX_CHARS: int = Field(default=1000, ge=16, le=100_000)
+    CSS_SELECTOR_MAX_NESTING: int = Field(default=8, ge=1, le=64)
+    CSS_SELECTOR_MAX_SELECTORS: int = Field(default=32, ge=1, le=1000)
+    HTML_MAX_BYTES: int = Field(default=5 * 1024 * 1024, ge=1024)
+    HTML_MAX_ELEMENTS: int = Field(default=20_000, ge=10)
 
     # --- logging ------------------------------------------------------------------
     LOG_LEVEL: str = "INFO"
@@ -137,12 +170,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return value
 
-    @field_validator(
-        "SECRET_ENCRYPTION_PASSWORD",
-        "SECRET_ENCRYPTION_SALT",
-        "SECRET_ENCRYPTION_OLD_PASSWORD",
-        "SECRET_ENCRYPTION_OLD_SALT",
-    )
+    # The old key: no placeholder, at least 8 characters (the current key's stronger rule
+    # is below).
+    @field_validator("SECRET_ENCRYPTION_OLD_PASSWORD", "SECRET_ENCRYPTION_OLD_SALT")
     @classmethod
     def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -154,11 +184,67 @@ class Settings(BaseSettings):
             raise ValueError("is too short (at least 8 characters)")
         return value
 
+    # The current key must be strong (see key_material). The OLD_* key only decrypts while
+    # rotate-key moves rows away from it, so a weak old key stays accepted: refusing it
+    # would block the very rotation that replaces it.
+    @field_validator("SECRET_ENCRYPTION_PASSWORD")
+    @classmethod
+    def _strong_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (problem := password_problem(value.get_secret_value())):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("SECRET_ENCRYPTION_SALT")
+    @classmethod
+    def _strong_salt(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (problem := salt_problem(value.get_secret_value())):
+            raise ValueError(problem)
+        return value
+
     @field_validator("DATABASE_URL", "BROKER_URL")
     @classmethod
     def _url_shape(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
             raise ValueError("must be a URL such as scheme://...")
+        return value
+
+    @field_validator("SQS_ENDPOINT_URL", "SECRETS_MANAGER_ENDPOINT_URL")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is empty; unset it to use AWS, or give http(s)://HOST:PORT")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s)://HOST:PORT URL")
+        return value
+
+    @field_validator("AWS_REGION")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        # botocore's own check (it would raise deep inside the first AWS call otherwise).
+        if not re.fullmatch(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)", value):
+            raise ValueError("is not a region name such as us-east-1")
+        return value
+
+    @field_validator("REDIS_URL", "MONITOR_URL")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() == "off":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        if not parts.hostname:
+            raise ValueError("must name a host, such as redis://HOST:6379/0")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError("must end with a database number, such as /0")
         return value
 
     @model_validator(mode="after")
@@ -167,6 +253,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SQS_VISIBILITY_TIMEOUT must be greater than EXECUTION_TIMEOUT_SECONDS"
             )
+        if self.EXECUTION_MAX_TOTAL_SECONDS < self.EXECUTION_TIMEOUT_SECONDS:
+            raise ValueError(
+                "EXECUTION_MAX_TOTAL_SECONDS must be at least EXECUTION_TIMEOUT_SECONDS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _password_not_salt(self) -> Settings:
+        password, salt = self.SECRET_ENCRYPTION_PASSWORD, self.SECRET_ENCRYPTION_SALT
+        same = (
+            password is not None
+            and salt is not None
+            and password.get_secret_value() == salt.get_secret_value()
+        )
+        if same:
+            raise ValueError("SECRET_ENCRYPTION_PASSWORD must differ from SECRET_ENCRYPTION_SALT")
         return self
 
     # --- derived values -------------------------------------------------------------
@@ -201,6 +303,15 @@ class Settings(BaseSettings):
         if self.BROKER_URL:
             return self.BROKER_URL
         return "filesystem://"
+
+    @property
+    def monitor_url(self) -> str | None:
+        """The Redis URL of the monitoring channel, or None when there is none."""
+        if self.MONITOR_URL is not None:
+            return None if self.MONITOR_URL.strip().lower() == "off" else self.MONITOR_URL
+        if self.broker_url.startswith("sqs://"):
+            return self.REDIS_URL
+        return None
 
     @property
     def log_level(self) -> str:

@@ -23,24 +23,23 @@ the metadata IP itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import re
 import socket
+import ssl
 import time
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import httpcore
 import httpx
 import structlog
 
-from flowbuilder.platform.nodes.base import (
-    NodeContext,
-    NodeError,
-    NodeTimeout,
-    TransientNodeError,
-)
+from flowbuilder.platform.errors import NodeError, NodeTimeout, TransientNodeError
 from flowbuilder.platform.settings import get_settings
 
 logger = structlog.get_logger(__name__)
@@ -282,18 +281,22 @@ def check_url_static(url: Any) -> tuple[str, str] | None:
     return None
 
 
-def vet_url(url: str | httpx.URL) -> OutboundTarget:
+def vet_url(url: str | httpx.URL, *, deadline: float | None = None) -> OutboundTarget:
     """Parse, resolve and check ``url``; return it with the address to connect to.
 
-    Raises OutboundBlocked (refused), NodeError (malformed, unknown host) or
-    TransientNodeError (temporary DNS failure).
+    Raises OutboundBlocked (refused), NodeError (malformed, unknown host),
+    TransientNodeError (temporary DNS failure) or NodeTimeout (DNS still unanswered at
+    ``deadline``, a ``time.monotonic()`` value).
     """
     parsed = _parse(url)
     if parsed.literal is not None:
         addresses: list[IPAddress] = [parsed.literal]
     else:
         try:
-            resolved = resolve_host(parsed.host, parsed.port)
+            if deadline is None:
+                resolved = resolve_host(parsed.host, parsed.port)
+            else:
+                resolved = _resolve_before(parsed.host, parsed.port, deadline)
         except socket.gaierror as exc:
             if exc.errno == socket.EAI_AGAIN:
                 raise TransientNodeError(
@@ -358,15 +361,223 @@ class OutboundResponse:
             return self.content.decode("utf-8", errors="replace")
 
 
+# --- whole-request deadline -------------------------------------------------------------
+# httpx timeouts are per operation: a server that sends one header line (or one body byte)
+# every second never trips a 2 s read timeout. Every socket operation below gets at most
+# the time left until the request's deadline instead, so the whole request (connect, TLS,
+# sending, headers, body, redirects) ends by the deadline, wall clock. DNS runs in a
+# helper thread that the caller stops waiting for at the deadline.
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, deadline: float) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def _left(self, timeout: float | None, error: type[Exception]) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise error("request deadline reached")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        # CPython's TLS handshake applies its timeout to the whole handshake.
+        left = self._left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._stream.start_tls(ssl_context, server_hostname, left), self._deadline
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, deadline: float) -> None:
+        self._backend = httpcore.SyncBackend()
+        self._deadline = deadline
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ConnectTimeout("request deadline reached")
+        left = left if timeout is None else min(timeout, left)
+        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:  # pragma: no cover - nodes never use unix sockets
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(min(seconds, max(0.0, self._deadline - time.monotonic())))
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    """httpx's own transport (no proxies from the environment), on the deadline backend."""
+
+    def __init__(self, deadline: float) -> None:
+        # HTTPTransport.__init__ is not called: it would build a second pool and TLS
+        # context. Its methods only use ``_pool``.
+        ssl_context = httpx.create_ssl_context(trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context, network_backend=_DeadlineBackend(deadline)
+        )
+
+
+# A few threads for getaddrinfo, which has no timeout of its own. A lookup that outlives
+# its request's deadline is abandoned (the resolver's own timeouts end it later).
+_dns_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
+
+
+def _resolve_before(host: str, port: int, deadline: float) -> list[str]:
+    future = _dns_pool.submit(lambda: resolve_host(host, port))
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise NodeTimeout(f"resolving host {host!r} timed out") from None
+
+
+# --- decoding -----------------------------------------------------------------------------
+# httpx decodes each network chunk through every Content-Encoding layer at once, so a
+# few KB of "gzip, gzip" can expand to a gigabyte in one step before any size check.
+# Here each layer hands on at most _DECODE_CHUNK bytes at a time and the cap is checked
+# on every piece, so memory stays within a few chunks per layer, whatever the stack.
+
+_DECODE_CHUNK = 64 * 1024
+_MAX_ENCODING_LAYERS = 4
+_ZLIB_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+# Only what can be decoded incrementally here is offered to servers.
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+class _RawBody:
+    def __init__(self, chunks: Iterator[bytes], host: str, max_bytes: int) -> None:
+        self._chunks = chunks
+        self._host = host
+        self._max_bytes = max_bytes
+        self.size = 0
+
+    def read(self) -> bytes:
+        for chunk in self._chunks:
+            if chunk:
+                self.size += len(chunk)
+                if self.size > self._max_bytes:
+                    # Compressed bytes count too: a body that decodes to nothing must
+                    # not stream forever either.
+                    raise ResponseTooLarge(
+                        f"response from {self._host!r} exceeded the limit of "
+                        f"{self._max_bytes} bytes; download stopped"
+                    )
+                return chunk
+        return b""
+
+
+class _ZlibLayer:
+    """One gzip or deflate layer, decoding at most _DECODE_CHUNK bytes per read."""
+
+    def __init__(self, source: _RawBody | _ZlibLayer, encoding: str, host: str) -> None:
+        self._source = source
+        self._host = host
+        self._gzip = encoding != "deflate"
+        self._raw_deflate = False
+        self._decoder = self._new_decoder()
+        self._pending = b""
+        self._produced = False
+        self._drain = False  # the last call filled its output: more may be buffered
+
+    def _new_decoder(self) -> Any:
+        if self._gzip:
+            return zlib.decompressobj(zlib.MAX_WBITS | 16)
+        return zlib.decompressobj(-zlib.MAX_WBITS if self._raw_deflate else zlib.MAX_WBITS)
+
+    def _decompress(self, data: bytes) -> bytes:
+        try:
+            return self._decoder.decompress(data, _DECODE_CHUNK)
+        except zlib.error:
+            if self._gzip or self._raw_deflate or self._produced:
+                raise NodeError(f"response from {self._host!r} could not be decoded") from None
+        # "deflate" without the zlib header (as some servers send it), like httpx does.
+        self._raw_deflate = True
+        self._decoder = self._new_decoder()
+        return self._decompress(data)
+
+    def read(self) -> bytes:
+        while not self._decoder.eof:
+            data = self._pending
+            if not data and not self._drain:
+                data = self._source.read()
+                if not data:
+                    try:
+                        return self._decoder.flush(_DECODE_CHUNK)
+                    except zlib.error:
+                        raise NodeError(
+                            f"response from {self._host!r} could not be decoded"
+                        ) from None
+                    finally:
+                        self._pending = b""
+                        self._drain = False
+                        self._decoder = _Finished()
+            out = self._decompress(data)
+            self._pending = self._decoder.unconsumed_tail
+            self._drain = len(out) >= _DECODE_CHUNK
+            if out:
+                self._produced = True
+                return out
+        return b""  # anything after the end of the stream is ignored, as httpx does
+
+
+class _Finished:
+    eof = True
+
+
 def _read_capped(response: httpx.Response, host: str, max_bytes: int, deadline: float) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ResponseTooLarge(
             f"response from {host!r} is {int(declared)} bytes, more than the limit of {max_bytes}"
         )
+    encodings = [
+        value.strip().lower()
+        for value in response.headers.get_list("content-encoding", split_commas=True)
+        if value.strip() and value.strip().lower() != "identity"
+    ]
+    if len(encodings) > _MAX_ENCODING_LAYERS:
+        raise NodeError(
+            f"response from {host!r} has {len(encodings)} content encodings "
+            f"(at most {_MAX_ENCODING_LAYERS})"
+        )
+    for encoding in encodings:
+        if encoding not in _ZLIB_ENCODINGS:
+            raise NodeError(f"response from {host!r} has unsupported content encoding")
+    source: _RawBody | _ZlibLayer = _RawBody(response.iter_raw(), host, max_bytes)
+    for encoding in reversed(encodings):  # the last one applied is decoded first
+        source = _ZlibLayer(source, encoding, host)
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
+    while chunk := source.read():
         size += len(chunk)
         if size > max_bytes:
             raise ResponseTooLarge(
@@ -393,11 +604,21 @@ def _transport_error(exc: httpx.HTTPError, host: str, seconds: float) -> NodeErr
     return NodeError(f"request to {host!r} failed: {type(exc).__name__}")
 
 
+class OutboundContext(Protocol):
+    """What a request needs from its caller (a node's NodeContext fits)."""
+
+    node_id: str
+
+    def remaining(self) -> float: ...
+
+    def check(self) -> None: ...
+
+
 def outbound_request(
     method: str,
     url: str,
     *,
-    ctx: NodeContext,
+    ctx: OutboundContext,
     headers: Mapping[str, str] | None = None,
     content: bytes | None = None,
     sensitive_headers: Iterable[str] = (),
@@ -407,6 +628,9 @@ def outbound_request(
     ``headers`` must already be checked with :func:`check_header`. Headers named in
     ``sensitive_headers`` (a credential) are dropped, like Authorization and Cookie,
     when a redirect leaves the original scheme/host/port.
+
+    The whole request, redirects included, ends within ``min(HTTP_TIMEOUT_SECONDS,
+    ctx.remaining())`` seconds, wall clock (NodeTimeout).
     """
     settings = get_settings()
     max_bytes = settings.HTTP_MAX_RESPONSE_BYTES
@@ -423,10 +647,17 @@ def outbound_request(
     first_origin: tuple[str, str, int] | None = None
     current = url
 
-    with httpx.Client(trust_env=False, follow_redirects=False, timeout=budget) as client:
+    request_headers["Accept-Encoding"] = request_headers.get("accept-encoding", ACCEPT_ENCODING)
+    client = httpx.Client(
+        transport=_DeadlineTransport(deadline),
+        trust_env=False,
+        follow_redirects=False,
+        timeout=budget,
+    )
+    with client:
         for hop in range(settings.HTTP_MAX_REDIRECTS + 1):
             ctx.check()
-            target = vet_url(current)
+            target = vet_url(current, deadline=deadline)
             if first_origin is None:
                 first_origin = target.origin
             elif target.origin != first_origin:

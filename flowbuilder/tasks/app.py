@@ -17,11 +17,14 @@ from kombu import pools as kombu_pools
 from flowbuilder.platform import db
 from flowbuilder.platform.logging import bind_context, clear_context, setup_logging
 from flowbuilder.platform.settings import Settings, get_settings
+from flowbuilder.tasks import logcontext
+from flowbuilder.tasks.monitor import MonitoredCelery, monitor_transport_options
+from flowbuilder.tasks.sqs_transport import CONSUMER, TRANSPORT
 
 EXECUTIONS_QUEUE = "executions"
 # The header that carries the API's correlation id into the worker's log lines.
 # (Celery's own ``correlation_id`` is the task id, so it cannot be reused.)
-CORRELATION_HEADER = "x_correlation_id"
+CORRELATION_HEADER = logcontext.HEADERS["correlation_id"]
 
 
 def queue_name(settings: Settings, name: str) -> str:
@@ -39,6 +42,10 @@ def broker_url(settings: Settings) -> str:
     from the transport options), so moto, LocalStack and AWS share one code path.
     """
     url = settings.broker_url
+    if url == "filesystem://":
+        # kombu warns "No hostname was supplied" each time it describes a connection
+        # without a host; the file-system transport ignores the host anyway.
+        return "filesystem://localhost/"
     if url.startswith("sqs://") and settings.SQS_ENDPOINT_URL:
         rest = url[len("sqs://") :]
         creds, _, host = rest.rpartition("@")
@@ -108,6 +115,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": broker_url(settings),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        # A worker survives any message the queue holds: poison ones are dead-lettered.
+        "broker_transport": TRANSPORT if broker_url(settings).startswith("sqs://") else None,
+        "worker_consumer": CONSUMER,
         # Results live in PostgreSQL (the execution row), not in a result backend.
         "result_backend": None,
         "task_ignore_result": True,
@@ -122,6 +132,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A child killed by the OS (SIGKILL, OOM) gets its message re-queued rather than
         # acknowledged as failed; same cost as above.
         "task_reject_on_worker_lost": True,
+        # A task that raised (bad arguments, a bug) is rejected, not acknowledged: on SQS
+        # its message goes to the dead-letter queue instead of being deleted unseen.
+        "task_acks_on_failure": False,
         # Executions are long: a worker should not hoard messages that an idle worker
         # could run. One message per process at a time.
         "worker_prefetch_multiplier": 1,
@@ -134,8 +147,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "task_default_queue": EXECUTIONS_QUEUE,
         "task_routes": {"flowbuilder.*": {"queue": EXECUTIONS_QUEUE}},
+        # Events and remote control travel on the monitoring channel (Redis), never on
+        # SQS; see flowbuilder/tasks/monitor.py.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # task-sent would be published on the broker's producer (SQS): off.
+        "task_send_sent_event": False,
+        "flowbuilder_monitor_url": settings.monitor_url,
+        "flowbuilder_monitor_transport_options": monitor_transport_options(
+            settings.MONITOR_KEY_PREFIX
+        ),
         "beat_schedule": {
             "sweep-stale-executions": {
                 "task": "flowbuilder.sweep_stale_executions",
@@ -183,8 +203,13 @@ def configure(app: Celery, settings: Settings | None = None) -> Celery:
     return app
 
 
-app = Celery("flowbuilder", include=["flowbuilder.tasks.execution"])
+app = MonitoredCelery("flowbuilder", include=["flowbuilder.tasks.execution"])
 configure(app)
+logcontext.install()  # execution ids on Celery's received/succeeded/failed/retry lines
+if app.watcher:  # `celery flower`: the SQS depth on /metrics
+    from flowbuilder.tasks.monitor import register_flower_metrics
+
+    register_flower_metrics()
 
 
 # ------------------------------------------------------------------------------ signals
@@ -212,11 +237,15 @@ def _after_fork(**_: Any) -> None:
 def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -> None:
     clear_context()
     request = task.request if task is not None else None
-    headers = (getattr(request, "headers", None) or {}) if request is not None else {}
-    correlation = headers.get(CORRELATION_HEADER) or getattr(request, CORRELATION_HEADER, None)
-    bind_context(task_id=task_id, task_name=getattr(task, "name", None))
-    if correlation:
-        bind_context(correlation_id=correlation)
+    headers = dict((getattr(request, "headers", None) or {}) if request is not None else {})
+    # Protocol 2 merges custom headers into the request itself.
+    correlation = getattr(request, CORRELATION_HEADER, None)
+    if correlation and CORRELATION_HEADER not in headers:
+        headers[CORRELATION_HEADER] = correlation
+    name = getattr(task, "name", None)
+    context = logcontext.context_for(name, headers, getattr(request, "argsrepr", None), task_id)
+    logcontext.remember(task_id, context)  # Celery's own lines in this (child) process
+    bind_context(task_id=task_id, task_name=name, **context)
 
 
 @signals.task_postrun.connect

@@ -1,4 +1,4 @@
-"""Worker tasks: thin shells around the engine in ``flowbuilder.platform.runner``.
+"""Worker tasks: thin shells around the engine in ``flowbuilder.platform.engine``.
 
 A task takes ids, calls platform code, and decides retries. Messages carry the execution
 id only: never a definition, never a secret.
@@ -7,24 +7,31 @@ id only: never a definition, never a secret.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import structlog
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
 
-from flowbuilder.platform import runner
+from flowbuilder.platform import engine
 from flowbuilder.platform.crud import execution_crud
 from flowbuilder.platform.db import unit_of_work
+from flowbuilder.platform.engine.state import register_time_limit_error
 from flowbuilder.platform.errors import TransientError
 from flowbuilder.platform.models import TriggerType, WorkflowExecution, utcnow
 from flowbuilder.platform.settings import get_settings
 from flowbuilder.tasks.app import CORRELATION_HEADER, app
 
 logger = structlog.get_logger(__name__)
+
+# A soft time limit is raised asynchronously into whatever the run is doing; the engine
+# (which imports no Celery) reports it as a timeout, not as a node's internal error.
+register_time_limit_error(SoftTimeLimitExceeded)
 
 _PENDING_SENDS = "flowbuilder.pending_sends"
 
@@ -36,6 +43,8 @@ class ExecutionTask(Task):
     reject_on_worker_lost = True
     # Results are in the database; a result backend would only add a dependency.
     ignore_result = True
+    # Remembers the execution's ids for Celery's own "received" log line (logcontext.py).
+    Request = "flowbuilder.tasks.logcontext:ContextRequest"
 
 
 @app.task(
@@ -54,42 +63,104 @@ def execute_workflow(self: Task, execution_id: str) -> str:
     # lease (they carry the same task id, so the task id cannot be the owner).
     owner = f"{self.request.hostname or 'local'}:{uuid.uuid4().hex[:12]}"
     try:
-        result = runner.run_execution(exec_id, owner=owner)
+        result = engine.run_execution(exec_id, owner=owner)
     except TransientError as exc:
         countdown = min(60.0, 2.0 * (2**self.request.retries))
         logger.warning("execute_workflow_retry", error=str(exc), countdown=countdown)
         raise self.retry(exc=exc, countdown=countdown) from exc
-    if result.outcome == runner.Outcome.LEASE_HELD:
+    if result.outcome == engine.Outcome.LEASE_HELD:
         # Another delivery is running it right now. Come back when its lease would have
         # lapsed: if that worker died, we take over; if it finished, this is a no-op.
-        raise self.retry(countdown=result.retry_after + 0.5, max_retries=None)
+        # A fresh message, not self.retry(): retry() shares its counter (and max_retries)
+        # with the database-error retries above, so a long run with a duplicate delivery
+        # would end in MaxRetriesExceededError. This is bounded all the same, by the
+        # execution itself: the holder's run ends (time limits), or it dies and its lease
+        # lapses, and the engine stops asking us back (retry_after == 0) once the run is
+        # older than EXECUTION_MAX_TOTAL_SECONDS; attempts then end it (EXECUTION_MAX_ATTEMPTS).
+        if result.retry_after <= 0:
+            logger.info("execute_workflow_duplicate_dropped")
+            return result.outcome.value
+        headers = getattr(self.request, "headers", None) or {}
+        correlation = headers.get(CORRELATION_HEADER) or getattr(
+            self.request, CORRELATION_HEADER, None
+        )
+        send_execution(exec_id, correlation, countdown=result.retry_after + 0.5)
     return result.outcome.value
 
 
 @app.task(bind=True, base=ExecutionTask, name="flowbuilder.sweep_stale_executions")
 def sweep_stale_executions(self: Task, limit: int = 100) -> int:
     """Re-send executions whose message may be lost (send failed after commit, or the
-    worker died and its message reached the dead-letter queue)."""
+    worker died and its message reached the dead-letter queue). Returns the sends made."""
+    found = take_stale_executions(limit)
+    sent = resend(found)
+    if found:
+        logger.info("stale_executions_resent", found=len(found), sent=sent)
+    return sent
+
+
+def take_stale_executions(limit: int = 100) -> list[tuple[uuid.UUID, str | None]]:
+    """Claim the executions due for a re-send, in one committed unit of work.
+
+    Only what is due (``resend_after`` passed), at most ``limit``, and each one's next
+    re-send is pushed a visibility window further before anything is sent: a backlog is
+    never flooded (a copy per run per window at most; a duplicate is a no-op for the
+    engine). A send that then fails is retried by the sweep after that window."""
     settings = get_settings()
-    threshold = utcnow() - timedelta(seconds=settings.SWEEP_PENDING_AFTER_SECONDS)
+    now = utcnow()
+    window = settings.SQS_VISIBILITY_TIMEOUT + settings.SWEEP_PENDING_AFTER_SECONDS
     with unit_of_work() as session:
         stale = execution_crud.find_stale_executions(
-            session=session, pending_before=threshold, limit=limit
+            session=session,
+            now=now,
+            lapsed_before=now - timedelta(seconds=settings.SWEEP_PENDING_AFTER_SECONDS),
+            limit=limit,
         )
         for execution in stale:
-            execution.enqueued_at = utcnow()
-            send_after_commit(session, execution.id, execution.correlation_id)
-    if stale:
-        logger.info("stale_executions_resent", count=len(stale))
-    return len(stale)
+            execution_crud.mark_sent(execution=execution, resend_after_seconds=window, now=now)
+        return [(e.id, e.correlation_id) for e in stale]
+
+
+def resend(
+    found: list[tuple[uuid.UUID, str | None]],
+    on_result: Callable[[uuid.UUID, BaseException | None], None] | None = None,
+) -> int:
+    """Send each execution's message; returns how many sends succeeded."""
+    sent = 0
+    for execution_id, correlation_id in found:
+        error: BaseException | None = None
+        try:
+            send_execution(execution_id, correlation_id)
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the sweep retries it
+            error = exc
+            logger.error(
+                "execution_send_failed",
+                execution_id=str(execution_id),
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+        if on_result is not None:
+            on_result(execution_id, error)
+    return sent
 
 
 # ----------------------------------------------------------------------------- enqueue
 
 
-def send_execution(execution_id: uuid.UUID, correlation_id: str | None = None) -> None:
+def send_execution(
+    execution_id: uuid.UUID, correlation_id: str | None = None, *, countdown: float | None = None
+) -> None:
     headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
-    execute_workflow.apply_async(args=[str(execution_id)], headers=headers)
+    # No time limits in the message: apply_async would stamp the sender's
+    # task_time_limit/task_soft_time_limit (the API's settings) into a ``timelimit``
+    # header, which the worker obeys over its own. The worker's configuration decides.
+    execute_workflow.apply_async(
+        args=[str(execution_id)],
+        headers=headers,
+        countdown=countdown,
+        time_limit=None,
+        soft_time_limit=None,
+    )
 
 
 def send_after_commit(
@@ -136,7 +207,7 @@ def enqueue_execution(
     Raises NotFound, Conflict (not published), ValidationFailed (bad definition),
     RateLimited or InsufficientCredits; nothing is recorded or sent then.
     """
-    execution = runner.prepare_execution(
+    execution = engine.prepare_execution(
         session=session,
         workflow_id=workflow_id,
         user_id=user_id,
@@ -151,4 +222,4 @@ def enqueue_execution(
 def cancel_execution(
     session: Session, execution_id: uuid.UUID, user_id: uuid.UUID
 ) -> WorkflowExecution:
-    return runner.cancel_execution(session=session, execution_id=execution_id, user_id=user_id)
+    return engine.cancel_execution(session=session, execution_id=execution_id, user_id=user_id)

@@ -250,7 +250,7 @@ def test_resolve_wraps_an_undecryptable_db_secret(session: Session) -> None:
     user = make_user(session)
     credential = _create(session, user.id)
     row = session.get(DatabaseSecret, uuid.UUID(credential.secret_ref[3:]))
-    row.encrypted_value = row.encrypted_value.replace("v1:", "v9:")
+    row.encrypted_value = row.encrypted_value.replace("v2:", "v9:")
     session.flush()
     with pytest.raises(SecretError, match="unsupported format version"):
         credentials_crud.resolve_credential_value(
@@ -288,3 +288,68 @@ def test_lost_name_race_leaves_no_orphan_secret(
     if backend != "db":
         client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=backend)
         assert client.list_secrets()["SecretList"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field"),
+    [("api\ud800", "fine-value", "name"), ("api", "tok\udfff", "secret_value")],
+)
+def test_lone_surrogates_are_validation_errors(
+    session: Session, backend: str, name: str, value: str, field: str
+) -> None:
+    """Issue 11: refused with the project's error before anything is stored."""
+    user = make_user(session)
+    with pytest.raises(ValidationFailed, match=f"{field}: is not valid Unicode"):
+        credentials_crud.create_credential(
+            session=session, user_id=user.id, name=name, type="api_key", secret_value=value
+        )
+    with pytest.raises(ValidationFailed, match="is not valid Unicode"):
+        secrets.create_secret(session, name, value, user.id)
+    assert credentials_crud.list_credentials_for_user(session=session, user_id=user.id) == []
+    with pytest.raises(SecretError, match="malformed secret reference"):
+        secrets.retrieve_secret("db:\ud800", session, user.id)
+
+
+def test_a_run_whose_credential_ciphertext_was_moved_fails_cleanly(
+    engine, session: Session
+) -> None:
+    """Issue 11: Bob's ciphertext copied into Alice's row does not decrypt, and her run
+    ends failed with the reason, charged nothing (no endless redelivery)."""
+    from flowbuilder.platform import engine as runner
+    from flowbuilder.platform.crud import balance_crud
+    from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution
+    from tests.factories import make_workflow
+
+    alice, bob = make_user(session, credits=10), make_user(session)
+    mine = _create(session, alice.id)
+    theirs = credentials_crud.create_credential(
+        session=session, user_id=bob.id, name="b", type="bearer_token", secret_value="bob-tok-9f"
+    )
+    definition = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "call",
+                "type": "http_request",
+                "inputs": {"url": "http://example.invalid/x"},
+                "credential_id": str(mine.id),
+            }
+        ],
+        "edges": [],
+    }
+    workflow = make_workflow(session, alice, definition=definition, publish=True)
+    session.commit()
+    alice_row = session.get(DatabaseSecret, uuid.UUID(mine.secret_ref[3:]))
+    bob_row = session.get(DatabaseSecret, uuid.UUID(theirs.secret_ref[3:]))
+    alice_row.encrypted_value = bob_row.encrypted_value
+    session.commit()
+    execution = runner.prepare_execution(session=session, workflow_id=workflow.id, user_id=alice.id)
+    session.commit()
+    result = runner.run_execution(execution.id)
+    assert result.outcome == runner.Outcome.FAILED
+    session.expire_all()
+    row = session.get(WorkflowExecution, execution.id)
+    assert row.status == ExecutionStatus.FAILED
+    assert "could not be read" in row.error and "failed authentication" in row.error
+    assert "bob-tok-9f" not in row.error
+    assert balance_crud.get_balance(session=session, user_id=alice.id) == 10

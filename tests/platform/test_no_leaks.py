@@ -10,13 +10,18 @@ scanned for the value and its encodings.
 from __future__ import annotations
 
 import base64
+import http.server
+import io
+import json
 import logging
 import secrets as pysecrets
 import socket
+import threading
 import traceback
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, quote_plus, urlencode
 
 import pytest
 import structlog
@@ -26,10 +31,18 @@ from flowbuilder.platform import crypto, secrets
 from flowbuilder.platform.crud import credentials_crud
 from flowbuilder.platform.errors import FlowBuilderError, SecretError
 from flowbuilder.platform.logging import setup_logging
-from flowbuilder.platform.models import Credential, CredentialRead, DatabaseSecret
+from flowbuilder.platform.models import (
+    Credential,
+    CredentialRead,
+    DatabaseSecret,
+    ExecutionLog,
+    ExecutionPhase,
+    PhaseStatus,
+    WorkflowExecution,
+)
 from flowbuilder.platform.nodes.base import NodeContext, NodeCredential, NodeError
 from flowbuilder.platform.settings import override_settings
-from tests.factories import make_user
+from tests.factories import make_user, make_workflow
 
 
 def _forms(value: str) -> list[str]:
@@ -62,7 +75,7 @@ def debug_logging(capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
     """
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
-    noisy = ("botocore", "boto3", "urllib3")
+    noisy = ("botocore", "boto3", "urllib3", "httpx", "httpcore")
     saved_noisy = {name: logging.getLogger(name).level for name in noisy}
     saved_structlog = structlog.get_config()
     setup_logging("DEBUG", json=True, force=True)
@@ -256,3 +269,268 @@ def test_botocore_debug_records_with_secret_payloads_are_withheld(
     texts: list[Any] = [caplog.text]
     texts += [r.getMessage() for r in caplog.records]
     assert _leaks("\n".join(texts), value) == []
+
+
+# --- every form a credential takes when sent, echoed back by a server (issue 11, item 2) -------
+#
+# A real HTTP node sends each credential type to a local server that reflects the request
+# in every way a server might: headers as JSON, each value URL-encoded (as in a query
+# string), the whole header block as one JSON-escaped text, basic auth decoded into its
+# halves, and response headers mirroring the request's. Then the execution's stored
+# outputs, errors, execution logs and the worker's own log lines are scanned for every
+# form of the secret, computed here independently of the redaction code.
+
+
+def _echo_handler() -> type[http.server.BaseHTTPRequestHandler]:
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            headers = dict(self.headers.items())
+            decoded: list[str] = []
+            auth = headers.get("Authorization", "")
+            if auth.startswith("Basic "):
+                plain = base64.b64decode(auth[6:]).decode()
+                decoded = [plain, *plain.split(":", 1)]
+            body = {
+                "headers": headers,
+                "query_style": {k: quote(v, safe="") for k, v in headers.items()},
+                "form_style": urlencode(headers),
+                "raw": json.dumps(str(self.headers)),
+                "basic_decoded": decoded,
+                "path": self.path,
+            }
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                if name.lower() not in ("host", "content-length", "content-type"):
+                    self.send_header(f"X-Echo-{name}", value)
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Echo
+
+
+@pytest.fixture
+def echo_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _echo_handler())
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        with override_settings(OUTBOUND_ALLOWLIST=["127.0.0.1"]):
+            yield f"http://127.0.0.1:{server.server_address[1]}/echo"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def worker_log() -> Iterator[io.StringIO]:
+    """The platform's logging at DEBUG (JSON), written to a buffer the test reads.
+
+    (Independent of capfd: the worker's log lines are what is scanned.)
+    """
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    names = ("botocore", "boto3", "urllib3", "httpx", "httpcore")
+    saved_levels = {name: logging.getLogger(name).level for name in names}
+    saved_structlog = structlog.get_config()
+    setup_logging("DEBUG", json=True, force=True)
+    buffer = io.StringIO()
+    for handler in root.handlers:
+        if handler.get_name() == "flowbuilder":
+            handler.setStream(buffer)  # type: ignore[attr-defined]
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        structlog.reset_defaults()
+        structlog.configure(**saved_structlog)
+
+
+def _sent_forms(kind: str, stored: str) -> list[str]:
+    """What must never be stored: the secret parts as sent, and their encodings."""
+    if kind == "header":
+        parts = [stored, stored.partition(":")[2].strip()]
+    elif kind == "basic_auth":
+        parts = [stored, stored.partition(":")[2], base64.b64encode(stored.encode()).decode()]
+    else:
+        parts = [stored, stored.strip()]
+    forms: list[str] = []
+    for part in parts:
+        forms += _forms(part)
+        forms += [quote(part, safe=""), quote_plus(part), json.dumps(part)[1:-1]]
+    return sorted(set(forms))
+
+
+# Characters that URL-encoding, JSON-escaping and base64 each change.
+def _canary() -> str:
+    return "cnry/" + pysecrets.token_urlsafe(18) + "+x=y"
+
+
+CASES = {
+    "bearer_token": lambda c: c,
+    "api_key": lambda c: c,
+    "header": lambda c: f"X-Custom-Auth: {c}",  # the form issue 11 found leaking
+    "basic_auth": lambda c: f"svc-user:{c}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_echoed_credential_is_redacted_everywhere(
+    engine: Any,
+    session: Session,
+    echo_url: str,
+    kind: str,
+    worker_log: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from flowbuilder.platform import engine as runner
+
+    caplog.set_level(logging.DEBUG)
+    stored = CASES[kind](_canary())
+    user = make_user(session, credits=10)
+    cred = credentials_crud.create_credential(
+        session=session, user_id=user.id, name=f"{kind} cred", type=kind, secret_value=stored
+    )
+    definition = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "call",
+                "type": "http_request",
+                "inputs": {"url": echo_url + "?q=1"},
+                "credential_id": str(cred.id),
+            }
+        ],
+        "edges": [],
+    }
+    workflow = make_workflow(session, user, definition=definition, publish=True)
+    session.commit()
+    execution = runner.prepare_execution(session=session, workflow_id=workflow.id, user_id=user.id)
+    session.commit()
+    runner.run_execution(execution.id)
+
+    session.expire_all()
+    phase = session.exec(
+        select(ExecutionPhase).where(ExecutionPhase.execution_id == execution.id)
+    ).one()
+    assert phase.status == PhaseStatus.COMPLETED, phase.error
+    echoed = phase.outputs["body"]
+    # The server did receive and reflect the credential (else nothing is proven).
+    assert echoed["headers"] and "[redacted]" in json.dumps(echoed)
+    if kind == "header":
+        assert echoed["headers"]["X-Custom-Auth"] == "[redacted]"
+    if kind == "basic_auth":
+        # "user:password" is the stored value itself; the password half alone is a form too.
+        assert echoed["basic_decoded"] == ["[redacted]", "svc-user", "[redacted]"]
+
+    texts = [json.dumps(phase.outputs), str(phase.error), str(phase.inputs)]
+    execution_row = session.get(WorkflowExecution, execution.id)
+    texts += [str(execution_row.error), json.dumps(execution_row.model_dump(mode="json"))]
+    texts += [
+        log.message
+        for log in session.exec(
+            select(ExecutionLog).where(ExecutionLog.execution_id == execution.id)
+        )
+    ]
+    assert "outbound_request" in worker_log.getvalue()  # the worker's lines were captured
+    texts += [worker_log.getvalue(), caplog.text]
+    everything = "\n".join(texts)
+    leaked = [form for form in _sent_forms(kind, stored) if form in everything]
+    assert leaked == []
+
+
+def _leaky_node(inputs: dict[str, Any], ctx: NodeContext) -> dict[str, Any]:
+    """A careless node: puts its credential in its outputs and logs, then crashes with it."""
+    value = ctx.credential.secret.get_secret_value()
+    ctx.log.info(f"using {value}")
+    if inputs.get("crash"):
+        raise RuntimeError(f"could not use {value}")
+    return {"out": {"nested": [value] * 3, value: "as a key"}}
+
+
+@pytest.fixture
+def leaky_node() -> Iterator[str]:
+    from flowbuilder.platform.nodes import register_node_type, unregister_node_type
+    from flowbuilder.platform.nodes.base import NodeType, PortSpec
+
+    node_type = NodeType(
+        type="test_leaky",
+        run=_leaky_node,
+        inputs={"crash": PortSpec("any")},
+        outputs={"out": PortSpec("any")},
+        credential="required",
+        credits=1,
+    )
+    register_node_type(node_type, replace=True)
+    yield node_type.type
+    unregister_node_type(node_type.type)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_generic_credential_a_node_leaks_is_redacted(
+    engine: Any,
+    session: Session,
+    leaky_node: str,
+    crash: bool,
+    worker_log: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outputs (values and keys), execution logs, the phase error and the worker's
+    crash traceback never carry the credential, whatever the node does with it."""
+    from flowbuilder.platform import engine as runner
+
+    caplog.set_level(logging.DEBUG)
+    stored = _canary()
+    user = make_user(session, credits=10)
+    cred = credentials_crud.create_credential(
+        session=session, user_id=user.id, name="generic", type="generic", secret_value=stored
+    )
+    definition = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "leak",
+                "type": leaky_node,
+                "inputs": {"crash": crash},
+                "credential_id": str(cred.id),
+            }
+        ],
+        "edges": [],
+    }
+    workflow = make_workflow(session, user, definition=definition, publish=True)
+    session.commit()
+    execution = runner.prepare_execution(session=session, workflow_id=workflow.id, user_id=user.id)
+    session.commit()
+    runner.run_execution(execution.id)
+    session.expire_all()
+    phase = session.exec(
+        select(ExecutionPhase).where(ExecutionPhase.execution_id == execution.id)
+    ).one()
+    logs = [
+        log.message
+        for log in session.exec(
+            select(ExecutionLog).where(ExecutionLog.execution_id == execution.id)
+        )
+    ]
+    log_text = worker_log.getvalue()
+    assert "execution_finished" in log_text  # the worker's lines were captured
+    if crash:
+        assert phase.status == PhaseStatus.FAILED
+        assert "node_crashed" in log_text and "RuntimeError: could not use [redacted]" in log_text
+    else:
+        assert phase.outputs["out"]["nested"] == ["[redacted]"] * 3
+        assert phase.outputs["out"]["[redacted]"] == "as a key"
+    assert any("using [redacted]" in line for line in logs)
+    texts = [json.dumps(phase.outputs), str(phase.error), *logs]
+    texts += [log_text, caplog.text]
+    everything = "\n".join(texts)
+    assert [form for form in _sent_forms("generic", stored) if form in everything] == []

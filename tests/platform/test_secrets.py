@@ -6,18 +6,19 @@ backend talks to the real Secrets Manager API served by moto's server mode.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from flowbuilder.platform import crypto, db, secrets
-from flowbuilder.platform.crud import db_secret_crud
+from flowbuilder.platform import crypto, db, db_secrets, secrets
 from flowbuilder.platform.crypto import DatabaseSecretManager
 from flowbuilder.platform.errors import Conflict, NotFound, SecretError, ValidationFailed
 from flowbuilder.platform.models import DatabaseSecret
@@ -155,15 +156,14 @@ def test_db_secret_that_cannot_be_decrypted_raises_secret_error(session: Session
 
 def test_db_crud_scoping(session: Session) -> None:
     owner, other = make_user(session), make_user(session)
-    row = db_secret_crud.create_db_secret(session=session, user_id=owner.id, name="n", value="v")
-    assert db_secret_crud.get_db_secret(session=session, secret_id=row.id, user_id=owner.id) is row
+    row = db_secrets.create_db_secret(session=session, user_id=owner.id, name="n", value="v")
+    assert db_secrets.get_db_secret(session=session, secret_id=row.id, user_id=owner.id) is row
     with pytest.raises(NotFound, match=f"secret {row.id} not found"):
-        db_secret_crud.get_db_secret(session=session, secret_id=row.id, user_id=other.id)
+        db_secrets.get_db_secret(session=session, secret_id=row.id, user_id=other.id)
     with pytest.raises(NotFound):
-        db_secret_crud.delete_db_secret(session=session, secret_id=row.id, user_id=other.id)
+        db_secrets.delete_db_secret(session=session, secret_id=row.id, user_id=other.id)
     assert (
-        db_secret_crud.read_db_secret_value(session=session, secret_id=row.id, user_id=owner.id)
-        == "v"
+        db_secrets.read_db_secret_value(session=session, secret_id=row.id, user_id=owner.id) == "v"
     )
 
 
@@ -286,7 +286,7 @@ def _seed(session: Session, count: int, manager: DatabaseSecretManager) -> dict[
     for i in range(count):
         user = users[i % 2]
         value = f"value-{i}-{uuid.uuid4().hex}"
-        row = db_secret_crud.create_db_secret(
+        row = db_secrets.create_db_secret(
             session=session, user_id=user.id, name=f"s{i}", value=value, manager=manager
         )
         refs[f"db:{row.id}|{user.id}"] = value
@@ -357,14 +357,14 @@ def test_rotation_with_explicit_keys(session: Session, engine: sa.Engine) -> Non
 def test_rotation_reports_and_skips_undecryptable_rows(session: Session, engine: sa.Engine) -> None:
     refs = _seed(session, 5, DatabaseSecretManager())
     user = make_user(session)
-    stray = db_secret_crud.create_db_secret(
+    stray = db_secrets.create_db_secret(
         session=session,
         user_id=user.id,
         name="stray",
         value="encrypted with a key nobody has",
         manager=DatabaseSecretManager(*STRAY, old_password=""),
     )
-    tampered = db_secret_crud.create_db_secret(
+    tampered = db_secrets.create_db_secret(
         session=session, user_id=user.id, name="tampered", value="will be altered"
     )
     tampered.encrypted_value = tampered.encrypted_value[:-6] + "AAAAAA"
@@ -482,3 +482,216 @@ def test_rotation_skips_rows_locked_by_another_transaction(
 def test_rotation_rejects_a_bad_batch_size(engine: sa.Engine) -> None:
     with pytest.raises(ValidationFailed, match="batch_size"):
         secrets.rotate_database_key(_uow(engine), batch_size=0)
+
+
+# --- binding: a ciphertext belongs to its row and owner (issue 11, item 1) ----------------------
+
+
+def _row(session: Session, ref: str) -> DatabaseSecret:
+    row = session.get(DatabaseSecret, uuid.UUID(ref[3:]))
+    assert row is not None
+    return row
+
+
+def _plant_v1(session: Session, user_id: uuid.UUID, name: str, value: str) -> str:
+    """A row as written before binding: the unbound v1 format."""
+    manager = DatabaseSecretManager()
+    row = DatabaseSecret(
+        user_id=user_id,
+        name=name,
+        encrypted_value=manager.encrypt_secret(value),
+        key_id=manager.key_id,
+    )
+    assert row.encrypted_value.startswith("v1:")
+    session.add(row)
+    session.flush()
+    return f"db:{row.id}"
+
+
+def test_db_writes_are_bound(session: Session) -> None:
+    user = make_user(session)
+    ref = secrets.create_secret(session, "k", "bound-value", user.id)
+    token = _row(session, ref).encrypted_value
+    assert crypto.token_version(token) == crypto.FORMAT_VERSION == "v2"
+    # Without its binding (or with another one) the token does not decrypt.
+    with pytest.raises(SecretError, match="bound"):
+        DatabaseSecretManager().decrypt_secret(token)
+    other = crypto.Binding(secret_id=uuid.uuid4(), owner_id=user.id)
+    with pytest.raises(SecretError, match="failed authentication"):
+        DatabaseSecretManager().decrypt_secret(token, bound_to=other)
+
+
+def test_ciphertext_moved_to_another_users_row_fails(session: Session) -> None:
+    """Issue 11: copying Bob's encrypted_value into Alice's row must not give Alice Bob's value."""
+    alice, bob = make_user(session), make_user(session)
+    alice_ref = secrets.create_secret(session, "token", "alice-token-value", alice.id)
+    bob_ref = secrets.create_secret(session, "token", "bob-token-value", bob.id)
+    session.commit()
+    alice_row, bob_row = _row(session, alice_ref), _row(session, bob_ref)
+    alice_row.encrypted_value, alice_row.key_id = bob_row.encrypted_value, bob_row.key_id
+    session.commit()
+    with pytest.raises(SecretError, match="failed authentication") as info:
+        secrets.retrieve_secret(alice_ref, session, alice.id)
+    assert "bob-token-value" not in str(info.value)
+    assert secrets.retrieve_secret(bob_ref, session, bob.id) == "bob-token-value"
+
+
+def test_ciphertext_moved_between_rows_of_one_user_fails(session: Session) -> None:
+    user = make_user(session)
+    first = secrets.create_secret(session, "first", "first-value", user.id)
+    second = secrets.create_secret(session, "second", "second-value", user.id)
+    _row(session, second).encrypted_value = _row(session, first).encrypted_value
+    session.flush()
+    with pytest.raises(SecretError, match="failed authentication"):
+        secrets.retrieve_secret(second, session, user.id)
+
+
+def test_ciphertext_moved_with_its_owner_changed_fails(session: Session) -> None:
+    """Re-pointing a row at another owner breaks it too (the owner is in the binding)."""
+    owner, thief = make_user(session), make_user(session)
+    ref = secrets.create_secret(session, "k", "owned-value", owner.id)
+    _row(session, ref).user_id = thief.id
+    session.flush()
+    with pytest.raises(SecretError, match="failed authentication"):
+        secrets.retrieve_secret(ref, session, thief.id)
+
+
+def test_v1_rows_are_read_during_the_transition_and_rotated_to_the_bound_form(
+    session: Session, engine: sa.Engine
+) -> None:
+    users = [make_user(session), make_user(session)]
+    refs = {}
+    for i in range(5):
+        user = users[i % 2]
+        refs[f"{_plant_v1(session, user.id, f'legacy{i}', f'legacy-{i}')}|{user.id}"] = (
+            f"legacy-{i}"
+        )
+    bound = secrets.create_secret(session, "new", "new-value", users[0].id)
+    refs[f"{bound}|{users[0].id}"] = "new-value"
+    session.commit()
+    _check_all(session, refs)  # no downtime: both formats are read
+    session.commit()
+    # Same key, but v1 rows still count as work for rotate-key.
+    report = secrets.rotate_database_key(_uow(engine), batch_size=2)
+    assert (report.rotated, report.failed, report.remaining) == (5, 0, 0)
+    session.expire_all()
+    tokens = [row.encrypted_value for row in session.exec(select(DatabaseSecret))]
+    assert tokens and all(crypto.token_version(t) == "v2" for t in tokens)
+    with override_settings(SECRET_ACCEPT_V1_CIPHERTEXT=False):
+        _check_all(session, refs)
+    session.commit()
+    again = secrets.rotate_database_key(_uow(engine))
+    assert (again.rotated, again.remaining) == (0, 0)
+
+
+def test_rotation_is_resumable_while_binding_v1_rows(session: Session, engine: sa.Engine) -> None:
+    user = make_user(session)
+    refs = {
+        f"{_plant_v1(session, user.id, f'l{i}', f'v-{i}')}|{user.id}": f"v-{i}" for i in range(6)
+    }
+    session.commit()
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def crashing_uow() -> Iterator[Session]:
+        calls["n"] += 1
+        with db.unit_of_work(engine) as s:
+            yield s
+            if calls["n"] == 2:
+                raise RuntimeError("simulated crash in batch 2")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        secrets.rotate_database_key(crashing_uow, batch_size=2)
+    session.expire_all()
+    versions = [
+        crypto.token_version(r.encrypted_value) for r in session.exec(select(DatabaseSecret))
+    ]
+    assert sorted(versions) == ["v1"] * 4 + ["v2"] * 2
+    _check_all(session, refs)  # mixed formats, all readable
+    session.commit()
+    report = secrets.rotate_database_key(_uow(engine), batch_size=2)
+    assert (report.rotated, report.remaining) == (4, 0)
+    _check_all(session, refs)
+
+
+def test_v1_refused_once_the_transition_is_over(session: Session, engine: sa.Engine) -> None:
+    """With SECRET_ACCEPT_V1_CIPHERTEXT=false an old v1 copy (from a backup) is refused."""
+    alice, bob = make_user(session), make_user(session)
+    bob_v1 = _row(session, _plant_v1(session, bob.id, "old", "bob-old-token")).encrypted_value
+    alice_ref = secrets.create_secret(session, "token", "alice-token", alice.id)
+    _row(session, alice_ref).encrypted_value = bob_v1
+    session.commit()
+    with override_settings(SECRET_ACCEPT_V1_CIPHERTEXT=False):
+        with pytest.raises(SecretError, match="SECRET_ACCEPT_V1_CIPHERTEXT=false"):
+            secrets.retrieve_secret(alice_ref, session, alice.id)
+        session.rollback()
+        # rotate-key does not launder it into the bound form either.
+        report = secrets.rotate_database_key(_uow(engine))
+        assert report.failed == 2 and report.remaining == 2  # Bob's v1 row and the copy
+    session.expire_all()
+    assert _row(session, alice_ref).encrypted_value == bob_v1
+
+
+def test_aws_another_users_arn_in_a_credential_row_is_refused(session: Session, aws: str) -> None:
+    """The Secrets Manager equivalent of a moved ciphertext: Bob's ARN in Alice's row."""
+    from flowbuilder.platform.crud import credentials_crud
+    from flowbuilder.platform.models import Credential
+
+    alice, bob = make_user(session), make_user(session)
+    cred = credentials_crud.create_credential(
+        session=session, user_id=alice.id, name="a", type="bearer_token", secret_value="alice-v"
+    )
+    bob_ref = secrets.create_secret(session, "b", "bob-aws-token", bob.id)
+    row = session.get(Credential, cred.id)
+    row.secret_ref = bob_ref
+    session.commit()
+    with pytest.raises(NotFound):
+        credentials_crud.resolve_credential_value(
+            session=session, credential_id=cred.id, user_id=alice.id
+        )
+    # Re-tagging Bob's secret for Alice is not enough: the name names its owner too.
+    client = _sm(aws)
+    arn = bob_ref.removeprefix("aws:")
+    client.tag_resource(SecretId=arn, Tags=[{"Key": secrets.USER_TAG, "Value": str(alice.id)}])
+    with pytest.raises(NotFound):
+        credentials_crud.resolve_credential_value(
+            session=session, credential_id=cred.id, user_id=alice.id
+        )
+    # Nor is a reference whose text claims Alice's prefix for Bob's secret.
+    forged = bob_ref.replace(f"/{bob.id}/", f"/{alice.id}/")
+    with pytest.raises(NotFound):
+        secrets.retrieve_secret(forged, session, alice.id)
+
+
+# --- layering: no secrets <-> crud cycle (issue 10) -------------------------------------------
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-local imports included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_secrets_and_crud_do_not_import_each_other_in_a_cycle() -> None:
+    """crud -> secrets -> db_secrets -> crypto, one way: nothing under the secrets side
+    imports crud, not even inside a function."""
+    import flowbuilder.platform as platform_pkg
+
+    root = Path(platform_pkg.__file__).parent
+    secrets_side = [root / "secrets.py", root / "db_secrets.py", root / "crypto.py"]
+    secrets_side += [root / "key_material.py", root / "text.py", root / "redaction.py"]
+    for path in secrets_side:
+        crud_imports = {m for m in _imports_of(path) if m.startswith("flowbuilder.platform.crud")}
+        assert crud_imports == set(), f"{path.name} imports {sorted(crud_imports)}"
+    assert not (root / "crud" / "db_secret_crud.py").exists()
+    # And crud reaches the secrets only through the public module.
+    for path in (root / "crud").glob("*.py"):
+        imported = _imports_of(path)
+        assert "flowbuilder.platform.db_secrets" not in imported, path.name

@@ -135,6 +135,12 @@ def test_broker_url_is_used_when_set(clean_env: Path, monkeypatch: pytest.Monkey
             {"SQS_VISIBILITY_TIMEOUT": "900", "EXECUTION_TIMEOUT_SECONDS": "900"},
             "SQS_VISIBILITY_TIMEOUT",
         ),
+        (
+            {"EXECUTION_MAX_TOTAL_SECONDS": "60", "EXECUTION_TIMEOUT_SECONDS": "120"},
+            "EXECUTION_MAX_TOTAL_SECONDS",
+        ),
+        ({"EXECUTION_MAX_ATTEMPTS": "0"}, "EXECUTION_MAX_ATTEMPTS"),
+        ({"PHASE_OUTPUT_MAX_DEPTH": "1"}, "PHASE_OUTPUT_MAX_DEPTH"),
         ({"SECRET_ENCRYPTION_PASSWORD": "changeme"}, "SECRET_ENCRYPTION_PASSWORD"),
         ({"SECRET_ENCRYPTION_SALT": "Password"}, "SECRET_ENCRYPTION_SALT"),
     ],
@@ -290,3 +296,88 @@ def test_override_settings_restores_after_an_exception(fresh_cache: None) -> Non
     with pytest.raises(RuntimeError), override_settings(MAX_DEFINITION_NODES=3):
         raise RuntimeError("boom")
     assert get_settings() is base
+
+
+# ------------------------------------------------------------------ key material (issue 11)
+
+_GOOD_SALT = "a-deployment-salt-5e1d"
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "12345678",
+        "aaaaaaaa",
+        "password1",
+        "changeme1",
+        "secret123",
+        "aaaaaaaaaaaaaaaaaaaaaaaa",  # long, but one character
+        "abcdefghijklmnopqrstuvwxyz",  # long, but a run
+        "Password123!Password123!",  # a repetition of weak words
+        "changeme-changeme-2024!!",  # only weak words, digits and punctuation
+        "qwertyuiopasdfghjkl",  # keyboard rows
+        "x7#Kq2!",  # random-looking but short
+    ],
+)
+def test_weak_encryption_password_is_refused_at_load(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    err = _config_error(
+        monkeypatch, SECRET_ENCRYPTION_PASSWORD=password, SECRET_ENCRYPTION_SALT=_GOOD_SALT
+    )
+    message = str(err)
+    assert "\n" not in message and "SECRET_ENCRYPTION_PASSWORD" in message
+    assert "secrets.token_urlsafe(32)" in message  # says how to make good material
+    assert password not in message
+
+
+def test_password_equal_to_salt_is_refused(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    value = "Zq8-vT3m_Lk2pW9x-Rb7"
+    err = _config_error(monkeypatch, SECRET_ENCRYPTION_PASSWORD=value, SECRET_ENCRYPTION_SALT=value)
+    assert "must differ from SECRET_ENCRYPTION_SALT" in str(err) and value not in str(err)
+
+
+@pytest.mark.parametrize("salt", ["short", "aaaaaaaaaaaa", "abababababab"])
+def test_weak_salt_is_refused(clean_env: Path, monkeypatch: pytest.MonkeyPatch, salt: str) -> None:
+    err = _config_error(
+        monkeypatch, SECRET_ENCRYPTION_PASSWORD="Zq8-vT3m_Lk2pW9x-Rb7", SECRET_ENCRYPTION_SALT=salt
+    )
+    assert "SECRET_ENCRYPTION_SALT" in str(err)
+
+
+def test_generated_material_and_the_test_values_are_accepted(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import secrets as pysecrets
+
+    for _ in range(20):
+        monkeypatch.setenv("SECRET_ENCRYPTION_PASSWORD", pysecrets.token_urlsafe(32))
+        monkeypatch.setenv("SECRET_ENCRYPTION_SALT", pysecrets.token_urlsafe(16))
+        load_settings()
+    monkeypatch.setenv("SECRET_ENCRYPTION_PASSWORD", "test-encryption-password-4f1c")
+    monkeypatch.setenv("SECRET_ENCRYPTION_SALT", "test-encryption-salt-9b2e")
+    load_settings()
+
+
+def test_a_weak_old_key_is_still_accepted_for_rotating_away_from_it(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SECRET_ENCRYPTION_PASSWORD", "Zq8-vT3m_Lk2pW9x-Rb7")
+    monkeypatch.setenv("SECRET_ENCRYPTION_SALT", _GOOD_SALT)
+    monkeypatch.setenv("SECRET_ENCRYPTION_OLD_PASSWORD", "oldpass1")
+    monkeypatch.setenv("SECRET_ENCRYPTION_OLD_SALT", "oldsalt1")
+    assert load_settings().SECRET_ENCRYPTION_OLD_PASSWORD is not None
+
+
+def test_undecodable_key_material_is_refused(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Undecodable environment bytes arrive as lone surrogates (surrogateescape)."""
+    err = _config_error(
+        monkeypatch,
+        SECRET_ENCRYPTION_PASSWORD="Zq8-vT3m_Lk2pW9x-Rb7\udcff",
+        SECRET_ENCRYPTION_SALT=_GOOD_SALT,
+    )
+    assert "SECRET_ENCRYPTION_PASSWORD" in str(err) and "Unicode" in str(err)

@@ -37,6 +37,8 @@ WORKER_SETTINGS = {
     "SQS_WAIT_TIME_SECONDS": 1,
     "LEASE_SECONDS": 1.5,
     "SWEEP_PENDING_AFTER_SECONDS": 2,
+    # The monitoring channel (Redis) of these workers, apart from other runs sharing Redis.
+    "MONITOR_KEY_PREFIX": f"fbtest-{uuid.uuid4().hex[:6]}-monitor:",
 }
 
 

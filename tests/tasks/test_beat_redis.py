@@ -15,8 +15,8 @@ import pytest
 import redis
 from sqlmodel import Session
 
+from flowbuilder.platform.engine import prepare_execution
 from flowbuilder.platform.models import ExecutionStatus, utcnow
-from flowbuilder.platform.runner import prepare_execution
 from tests.factories import json_definition, make_user, make_workflow
 from tests.tasks.conftest import wait_done, wait_for, worker_env
 
@@ -48,7 +48,7 @@ def test_beat_on_redis_sweeps_a_lost_execution(
     pg_session.commit()
     # Recorded but never sent, as when the broker was down at commit time.
     execution = prepare_execution(session=pg_session, workflow_id=wf.id, user_id=user.id)
-    execution.enqueued_at = utcnow().replace(year=2000)
+    execution.resend_after = utcnow().replace(year=2000)
     pg_session.commit()
 
     log = open(tmp_path / "beat.log", "wb")  # noqa: SIM115 - closed below

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import Session
 
-from flowbuilder.platform.errors import Conflict
+from flowbuilder.platform.errors import Conflict, ValidationFailed
 
 
 def upsert(session: Session, model: Any) -> Any:
@@ -41,3 +41,14 @@ def conflict_on_duplicate(session: Session, message: str) -> Iterator[None]:
             session.flush()
     except IntegrityError as exc:
         raise Conflict(message) from exc
+    except DataError as exc:
+        # A value the database refuses (too long, not storable): the caller's input, so a
+        # clear refusal rather than a raw driver error. The caller's transaction stays usable.
+        raise ValidationFailed([data_error_message(exc)]) from exc
+
+
+def data_error_message(exc: DataError) -> str:
+    """What the database refused, without the statement or its parameters (user data)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return f"the database refused a value: {text[0][:200] if text else type(orig).__name__}"

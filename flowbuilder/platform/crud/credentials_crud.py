@@ -18,6 +18,7 @@ from sqlmodel import Session, select
 from flowbuilder.platform import secrets
 from flowbuilder.platform.errors import Conflict, NotFound, ValidationFailed
 from flowbuilder.platform.models import Credential
+from flowbuilder.platform.text import unencodable_problem
 
 logger = structlog.get_logger(__name__)
 
@@ -31,6 +32,8 @@ def _validate(name: object, type: object, secret_value: object) -> str:
         problems.append("name: must be a non-empty string")
     elif len(name) > MAX_NAME_CHARS:
         problems.append(f"name: at most {MAX_NAME_CHARS} characters")
+    elif problem := unencodable_problem("name", name):
+        problems.append(problem)
     if type not in CREDENTIAL_TYPES:
         shown = repr(type) if isinstance(type, str) else f"of type {type.__class__.__name__}"
         problems.append(
@@ -40,6 +43,8 @@ def _validate(name: object, type: object, secret_value: object) -> str:
         secret_value = secret_value.get_secret_value()
     if not isinstance(secret_value, str) or not secret_value:
         problems.append("secret_value: must be a non-empty string")
+    elif problem := unencodable_problem("secret_value", secret_value):
+        problems.append(problem)
     if problems:
         raise ValidationFailed(problems, what="credential")
     assert isinstance(secret_value, str)

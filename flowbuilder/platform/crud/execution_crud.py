@@ -233,31 +233,44 @@ def release_lease(*, session: Session, execution_id: uuid.UUID, owner: str) -> N
 
 
 def find_stale_executions(
-    *, session: Session, pending_before: datetime, now: datetime | None = None, limit: int = 100
+    *,
+    session: Session,
+    now: datetime | None = None,
+    lapsed_before: datetime | None = None,
+    limit: int = 100,
 ) -> list[WorkflowExecution]:
-    """Executions whose message may be lost: pending and enqueued long ago, or running
-    with a lapsed lease (the worker died and its message went to the dead-letter queue)."""
+    """Executions whose message may be lost, at most ``limit``, oldest due first.
+
+    Due means ``resend_after`` has passed (see the column) and the run is pending (its
+    message never arrived, or is still waiting in a backlog: one more copy per window is
+    harmless), or running with a lease that lapsed before ``lapsed_before`` (its worker
+    died and its message may have gone to the dead-letter queue). One index range scan on
+    (status, resend_after): the cost is the batch, not the backlog. Locked with SKIP
+    LOCKED so two sweeps never pick the same rows."""
     now = now or utcnow()
+    lapsed_before = lapsed_before or now
     stmt = (
         select(WorkflowExecution)
         .where(
+            WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
+            WorkflowExecution.resend_after < now,
             sa.or_(
-                sa.and_(
-                    WorkflowExecution.status == ExecutionStatus.PENDING,
-                    sa.func.coalesce(WorkflowExecution.enqueued_at, WorkflowExecution.created_at)
-                    < pending_before,
-                ),
-                sa.and_(
-                    WorkflowExecution.status == ExecutionStatus.RUNNING,
-                    sa.func.coalesce(
-                        WorkflowExecution.lease_expires_at, WorkflowExecution.created_at
-                    )
-                    < pending_before,
-                ),
-            )
+                WorkflowExecution.status == ExecutionStatus.PENDING,
+                WorkflowExecution.lease_expires_at.is_(None),
+                WorkflowExecution.lease_expires_at < lapsed_before,
+            ),
         )
-        .order_by(WorkflowExecution.created_at)
+        .order_by(WorkflowExecution.resend_after)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     return list(session.exec(stmt))
+
+
+def mark_sent(
+    *, execution: WorkflowExecution, resend_after_seconds: float, now: datetime | None = None
+) -> None:
+    """Record a send of the execution's message, and when the sweep may send it again."""
+    now = now or utcnow()
+    execution.enqueued_at = now
+    execution.resend_after = now + timedelta(seconds=resend_after_seconds)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from flowbuilder.platform.cron import check_schedule, get_next_run_date
 from flowbuilder.platform.crud._sql import conflict_on_duplicate
-from flowbuilder.platform.errors import Conflict, NotFound
+from flowbuilder.platform.errors import Conflict, NotFound, ValidationFailed
 from flowbuilder.platform.models import (
     Credential,
     Workflow,
@@ -20,12 +22,48 @@ from flowbuilder.platform.models import (
     WorkflowVersion,
     utcnow,
 )
+from flowbuilder.platform.settings import get_settings
+
+
+def check_draft(fields: dict[str, Any]) -> None:
+    """Refuse what a draft write cannot store, with ValidationFailed naming it.
+
+    Drafts are stored before they are ever validated, so the limits that publishing
+    enforces hold at every write: nothing the database cannot store (NUL, lone
+    surrogates, NaN/Infinity, absurd nesting; checked iteratively first, so no
+    RecursionError), and no definition above MAX_DEFINITION_BYTES (as UTF-8 JSON).
+    """
+    from flowbuilder.platform.definitions import storability_problem
+
+    problems = []
+    for name, value in fields.items():
+        if isinstance(value, str | dict | list):
+            problem = storability_problem(value)
+            if problem is not None:
+                path = f"{name}.{problem.path}" if problem.path else name
+                problems.append(f"{path}: {problem.message}")
+    if problems:
+        raise ValidationFailed(problems, what="workflow")
+    definition = fields.get("definition")
+    if definition is None:
+        return
+    limit = get_settings().MAX_DEFINITION_BYTES
+    try:
+        size = len(json.dumps(definition, ensure_ascii=False, separators=(",", ":")).encode())
+    except (TypeError, ValueError) as exc:
+        problem_text = f"definition: not JSON-serialisable ({type(exc).__name__})"
+    else:
+        if size <= limit:
+            return
+        problem_text = f"definition: larger than {limit} bytes (MAX_DEFINITION_BYTES)"
+    raise ValidationFailed([problem_text], what="workflow definition")
 
 
 def create_workflow(*, session: Session, user_id: uuid.UUID, data: WorkflowCreate) -> Workflow:
     """Create a draft workflow. Drafts may be incomplete; publishing validates."""
     if data.cron:
         check_schedule(data.cron, data.timezone)
+    check_draft(data.model_dump())
     workflow = Workflow.model_validate(data, update={"user_id": user_id})
     with conflict_on_duplicate(session, f"a workflow named {data.name!r} already exists"):
         session.add(workflow)
@@ -74,6 +112,7 @@ def update_workflow(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
     changes = data.model_dump(exclude_unset=True)
+    check_draft(changes)
     if changes.get("status") == WorkflowStatus.PUBLISHED and workflow.published_version == 0:
         raise Conflict(f"workflow {workflow_id} has no published version; publish it first")
     cron = changes.get("cron", workflow.cron)

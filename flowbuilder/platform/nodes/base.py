@@ -21,7 +21,11 @@ from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import SecretStr
 
-from flowbuilder.platform.errors import FlowBuilderError, TransientError
+# Defined in errors.py (see there why); re-exported here, where node code looks for them.
+from flowbuilder.platform.errors import NodeCancelled as NodeCancelled
+from flowbuilder.platform.errors import NodeError as NodeError
+from flowbuilder.platform.errors import NodeTimeout as NodeTimeout
+from flowbuilder.platform.errors import TransientNodeError as TransientNodeError
 
 PortType = Literal["string", "number", "integer", "boolean", "json", "any", "html"]
 PORT_TYPES: frozenset[str] = frozenset(get_args(PortType))
@@ -31,25 +35,6 @@ CREDENTIAL_MODES: frozenset[str] = frozenset(get_args(CredentialMode))
 
 
 # --- errors -----------------------------------------------------------------------------
-
-
-class NodeError(FlowBuilderError):
-    """A node failed permanently (bad input, 4xx answer, ...). Retrying will not help.
-
-    Messages are shown to the workflow's owner and never contain a credential value.
-    """
-
-
-class TransientNodeError(NodeError, TransientError):
-    """A node failed in a way that may pass on a retry (5xx, connection reset, timeout)."""
-
-
-class NodeTimeout(TransientNodeError):
-    """The node ran out of time (its own deadline, or an outbound call's timeout)."""
-
-
-class NodeCancelled(NodeError):
-    """The execution was cancelled while the node was running."""
 
 
 class UnknownNodeType(NodeError):

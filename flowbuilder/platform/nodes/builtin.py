@@ -8,8 +8,11 @@ import copy
 import json
 import math
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -221,11 +224,46 @@ class AddPropertyToJsonNode(NodeType):
 # --- HTML -------------------------------------------------------------------------------
 
 _INVISIBLE_TAGS = ["script", "style", "noscript", "template"]
+_CSS_CHILD = Path(__file__).with_name("_css_child.py")
+_START_TAG = re.compile(r"<[A-Za-z]")
+# The child process's address-space limit: room for lexbor's tree of the largest
+# allowed document, and a bound on what one selection can take from the machine.
+_CHILD_MEMORY_BYTES = 1024 * 1024 * 1024
+_POLL_SECONDS = 0.25
 
 
-def _selector_problem(selector: str) -> str | None:
+def selector_problem(selector: str) -> str | None:
+    """What is wrong with a CSS selector (caps first, then lexbor's parser), or None.
+
+    The caps come before any parsing: a selector of 200 KB of nested ``:is(`` costs
+    seconds to compile.
+    """
     if not selector.strip():
         return "CSS selector is empty"
+    settings = get_settings()
+    if len(selector) > settings.CSS_SELECTOR_MAX_CHARS:
+        return (
+            f"CSS selector is {len(selector)} characters long, more than "
+            f"{settings.CSS_SELECTOR_MAX_CHARS} (CSS_SELECTOR_MAX_CHARS)"
+        )
+    depth = deepest = 0
+    for char in selector:
+        if char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    if deepest > settings.CSS_SELECTOR_MAX_NESTING:
+        return (
+            f"CSS selector nests parentheses {deepest} deep, more than "
+            f"{settings.CSS_SELECTOR_MAX_NESTING} (CSS_SELECTOR_MAX_NESTING)"
+        )
+    count = selector.count(",") + 1
+    if count > settings.CSS_SELECTOR_MAX_SELECTORS:
+        return (
+            f"CSS selector lists {count} selectors, more than "
+            f"{settings.CSS_SELECTOR_MAX_SELECTORS} (CSS_SELECTOR_MAX_SELECTORS)"
+        )
     try:
         LexborHTMLParser("<p></p>").css_first(selector)
     except (SelectolaxError, ValueError, TypeError):
@@ -233,8 +271,89 @@ def _selector_problem(selector: str) -> str | None:
     return None
 
 
-def _text(node: Any) -> str:
-    return " ".join(node.text(separator=" ").split())
+def html_problem(html: str) -> str | None:
+    """Whether ``html`` is within HTML_MAX_BYTES and HTML_MAX_ELEMENTS (start tags)."""
+    settings = get_settings()
+    size = len(html.encode("utf-8", errors="surrogatepass"))
+    if size > settings.HTML_MAX_BYTES:
+        return f"input 'html' is {size} bytes, more than {settings.HTML_MAX_BYTES} (HTML_MAX_BYTES)"
+    elements = sum(1 for _ in _START_TAG.finditer(html))
+    if elements > settings.HTML_MAX_ELEMENTS:
+        return (
+            f"input 'html' has {elements} tags, more than {settings.HTML_MAX_ELEMENTS} "
+            "(HTML_MAX_ELEMENTS)"
+        )
+    return None
+
+
+def select_text(html: str, selector: str, *, every: bool, ctx: NodeContext) -> Any:
+    """Run the selector in a child process that is killed at the node's deadline.
+
+    Even within the caps, matching can be combinatorial (``section div div p`` over
+    2,000 nested divs takes seconds), and selectolax holds the GIL meanwhile: in this
+    process it would stop the lease heartbeat and every other running node.
+    """
+    request = {
+        "html": html,
+        "selector": selector,
+        "all": every,
+        "strip": _INVISIBLE_TAGS,
+        "max_output_chars": get_settings().HTML_MAX_BYTES,
+        "memory_bytes": _CHILD_MEMORY_BYTES,
+    }
+    payload = json.dumps(request, ensure_ascii=True).encode("ascii")
+    started = time.monotonic()
+    # -I: the child sees neither PYTHONPATH nor the user's site directory.
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(_CSS_CHILD)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = proc.communicate(payload, timeout=_slice(ctx))
+    except subprocess.TimeoutExpired:
+        out = err = None
+        while out is None:
+            if ctx.is_cancelled() or ctx.remaining() <= 0:
+                proc.kill()
+                proc.communicate()
+                seconds = time.monotonic() - started
+                logger.warning(
+                    "css_selection_stopped",
+                    node_id=ctx.node_id,
+                    seconds=round(seconds, 3),
+                    cancelled=ctx.is_cancelled(),
+                )
+                ctx.check()  # raises NodeCancelled or NodeTimeout
+                raise NodeTimeout(f"CSS selection stopped after {seconds:.1f}s") from None
+            try:
+                out, err = proc.communicate(timeout=_slice(ctx))
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        answer = json.loads(out or b"")
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or proc.returncode != 0:
+        logger.error(
+            "css_selection_crashed",
+            node_id=ctx.node_id,
+            returncode=proc.returncode,
+            stderr=(err or b"")[-500:].decode("utf-8", "replace"),
+        )
+        raise NodeError("CSS selection failed (the HTML or the selector is too costly)")
+    if "error" in answer:
+        raise NodeError(str(answer["error"]))
+    return answer.get("text")
+
+
+def _slice(ctx: NodeContext) -> float:
+    return max(0.01, min(_POLL_SECONDS, ctx.remaining()))
 
 
 class ExtractTextFromHtmlNode(NodeType):
@@ -250,23 +369,29 @@ class ExtractTextFromHtmlNode(NodeType):
     timeout_seconds = 30.0
 
     def check_static_inputs(self, static_inputs: Mapping[str, Any]) -> list[InputProblem]:
+        problems: list[InputProblem] = []
         selector = static_inputs.get("selector")
-        problem = _selector_problem(selector) if selector is not None else None
-        return [("selector", "invalid_value", problem)] if problem else []
+        problem = selector_problem(selector) if selector is not None else None
+        if problem:
+            problems.append(("selector", "invalid_value", problem))
+        html = static_inputs.get("html")
+        problem = html_problem(html) if isinstance(html, str) else None
+        if problem:
+            problems.append(("html", "invalid_value", problem))
+        return problems
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        super().check_inputs(inputs)
+        problem = selector_problem(inputs["selector"]) or html_problem(inputs["html"])
+        if problem:
+            raise NodeError(problem)
 
     def run(self, inputs: dict[str, Any], ctx: NodeContext) -> dict[str, Any]:
         selector = inputs["selector"]
-        problem = _selector_problem(selector)
-        if problem:
-            raise NodeError(problem)
-        tree = LexborHTMLParser(inputs["html"])
-        tree.strip_tags(_INVISIBLE_TAGS)
-        if inputs.get("all"):
-            return {"text": [_text(node) for node in tree.css(selector)]}
-        node = tree.css_first(selector)
-        if node is None:
+        text = select_text(inputs["html"], selector, every=bool(inputs.get("all")), ctx=ctx)
+        if text is None:
             raise NodeError(f"CSS selector {selector[:200]!r} matched nothing")
-        return {"text": _text(node)}
+        return {"text": text}
 
 
 # --- delay ------------------------------------------------------------------------------

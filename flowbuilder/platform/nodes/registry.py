@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from flowbuilder.platform.nodes import builtin, http
 from flowbuilder.platform.nodes.base import NodeType, UnknownNodeType
 
 logger = structlog.get_logger(__name__)
@@ -42,9 +43,6 @@ def _check(node_type: Any) -> NodeType:
 
 
 def _builtin_types() -> list[NodeType]:
-    # Imported here: the built-ins import ssrf, which imports nodes.base.
-    from flowbuilder.platform.nodes import builtin, http
-
     return [*builtin.BUILTIN_TYPES, *http.HTTP_TYPES]
 
 

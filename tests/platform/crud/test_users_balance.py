@@ -10,15 +10,24 @@ import pytest
 from sqlmodel import Session, select
 
 from flowbuilder.platform.crud import balance_crud, user_crud
-from flowbuilder.platform.errors import Conflict, InsufficientCredits, NotFound, ValidationFailed
+from flowbuilder.platform.errors import (
+    Conflict,
+    InsufficientCredits,
+    NotFound,
+    RateLimited,
+    ValidationFailed,
+)
 from flowbuilder.platform.models import (
     BalanceTransaction,
     GuestSession,
     LedgerKind,
+    RateLimitEntry,
+    User,
     UserCreate,
     Workflow,
     utcnow,
 )
+from flowbuilder.platform.settings import override_settings
 from tests.factories import make_user, make_workflow
 
 
@@ -41,7 +50,7 @@ def test_duplicate_email_is_conflict_and_keeps_session_usable(session: Session) 
 
 
 def test_guest_token_stored_hashed_and_resolves_until_expiry(session: Session) -> None:
-    user, token = user_crud.create_guest(session=session)
+    user, token = user_crud.create_guest(session=session, client_key="203.0.113.7")
     session.commit()
     stored = session.exec(select(GuestSession).where(GuestSession.user_id == user.id)).one()
     assert stored.token_hash != token and token not in stored.token_hash
@@ -245,3 +254,56 @@ def test_debit_is_one_round_trip_on_postgresql(pg_round_trips) -> None:
     with db.unit_of_work() as s:
         assert balance_crud.get_balance(session=s, user_id=user.id) == 3
         assert balance_crud.ledger_total(session=s, user_id=user.id) == 3
+
+
+# --- guest creation limit and unencodable text (issue 11) ------------------------------------
+
+
+def _guest_count(session: Session) -> int:
+    return len(session.exec(select(User).where(User.is_guest)).all())
+
+
+def test_guest_creation_is_rate_limited_per_client_key(session: Session) -> None:
+    """New guests per client key are limited, so the per-guest limit cannot be sidestepped."""
+    with override_settings(RATE_LIMIT_GUEST_CREATION=3):
+        for _ in range(3):
+            user_crud.create_guest(session=session, client_key="198.51.100.4")
+            session.commit()
+        with pytest.raises(RateLimited, match="retry after"):
+            user_crud.create_guest(session=session, client_key="198.51.100.4")
+        session.rollback()  # the caller's unit of work: nothing of the refused call stays
+        assert _guest_count(session) == 3
+        # Another client is not affected.
+        user_crud.create_guest(session=session, client_key="198.51.100.5")
+        session.commit()
+        assert _guest_count(session) == 4
+        # The key is hashed: no client address is stored in clear.
+        keys = [row.key for row in session.exec(select(RateLimitEntry))]
+        assert keys and not any("198.51.100" in key for key in keys)
+        with pytest.raises(RateLimited):
+            user_crud.create_guest(session=session, client_key="198.51.100.4")
+        session.rollback()
+
+
+@pytest.mark.parametrize("client_key", ["", "   ", "k" * 513, "ip\ud800", None])
+def test_guest_creation_needs_a_valid_client_key(session: Session, client_key: object) -> None:
+    with pytest.raises(ValidationFailed, match="client_key"):
+        user_crud.create_guest(session=session, client_key=client_key)  # type: ignore[arg-type]
+    session.rollback()
+    assert _guest_count(session) == 0
+
+
+def test_lone_surrogates_are_validation_errors(session: Session) -> None:
+    with pytest.raises(ValidationFailed, match="token: is not valid Unicode"):
+        user_crud.resolve_guest_token(session=session, token="\ud800")
+    with pytest.raises(ValidationFailed, match="token"):
+        user_crud.resolve_guest_token(session=session, token=None)  # type: ignore[arg-type]
+    guest = make_user(session, guest=True)
+    session.commit()
+    with pytest.raises(ValidationFailed, match="email"):
+        user_crud.convert_guest(session=session, user_id=guest.id, email="a\udc80@example.com")
+    with pytest.raises(ValidationFailed, match="display_name"):
+        user_crud.convert_guest(
+            session=session, user_id=guest.id, email="ok@example.com", display_name="\ud83d"
+        )
+    assert session.get(User, guest.id).is_guest

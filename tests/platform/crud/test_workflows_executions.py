@@ -39,6 +39,7 @@ from flowbuilder.platform.models import (
     WorkflowVersion,
     utcnow,
 )
+from flowbuilder.platform.settings import override_settings
 from tests.factories import json_definition, make_user, make_workflow
 
 # ------------------------------------------------------------------------------ workflows
@@ -266,15 +267,27 @@ def test_lease_exclusive_until_expiry(session: Session) -> None:
 
 def test_stale_executions_found_for_the_sweep(session: Session) -> None:
     user = make_user(session)
-    old = _execution(session, user)
-    old.enqueued_at = utcnow() - timedelta(minutes=10)
-    fresh = _execution(session, user)
-    fresh.enqueued_at = utcnow()
+    now = utcnow()
+    due = _execution(session, user)
+    execution_crud.mark_sent(execution=due, resend_after_seconds=-60, now=now)
+    later = _execution(session, user)
+    execution_crud.mark_sent(execution=later, resend_after_seconds=60, now=now)
+    # running, due, but its lease is live (a healthy long run): not lost
+    live = _execution(session, user)
+    execution_crud.mark_sent(execution=live, resend_after_seconds=-60, now=now)
+    live.status, live.lease_owner = ExecutionStatus.RUNNING, "w"
+    live.lease_expires_at = now + timedelta(seconds=30)
+    # running, due, lease lapsed long ago (its worker died): lost
+    dead = _execution(session, user)
+    execution_crud.mark_sent(execution=dead, resend_after_seconds=-30, now=now)
+    dead.status, dead.lease_owner = ExecutionStatus.RUNNING, "w"
+    dead.lease_expires_at = now - timedelta(minutes=10)
     session.commit()
     stale = execution_crud.find_stale_executions(
-        session=session, pending_before=utcnow() - timedelta(minutes=5)
+        session=session, now=now, lapsed_before=now - timedelta(minutes=5)
     )
-    assert [e.id for e in stale] == [old.id]
+    assert [e.id for e in stale] == [due.id, dead.id]
+    assert execution_crud.find_stale_executions(session=session, now=now, limit=1) == [due]
 
 
 # ------------------------------------------------------------------------------ phases and logs
@@ -428,3 +441,71 @@ def test_create_test_engine_and_session_has_the_schema() -> None:
 
         assert balance_crud.get_balance(session=s, user_id=user.id) == 2
     engine.dispose()
+
+
+# --------------------------------------------------------- draft size at every write (issue 11)
+
+
+def _big_draft(size: int) -> dict:
+    return {"version": 1, "nodes": [], "edges": [], "notes": "x" * size}
+
+
+def test_oversized_draft_is_refused_at_create_and_nothing_is_stored(session: Session) -> None:
+    user = make_user(session)
+    session.commit()
+    limit = 512 * 1024  # the default MAX_DEFINITION_BYTES, as at publish
+    with pytest.raises(ValidationFailed, match="MAX_DEFINITION_BYTES"):
+        workflow_crud.create_workflow(
+            session=session,
+            user_id=user.id,
+            data=WorkflowCreate(name="huge", definition=_big_draft(limit + 1)),
+        )
+    session.rollback()
+    assert workflow_crud.list_workflows_for_user(session=session, user_id=user.id) == []
+    # Just under the limit is fine: drafts may be large, not unbounded.
+    fits = _big_draft(limit - 200)
+    workflow_crud.create_workflow(
+        session=session, user_id=user.id, data=WorkflowCreate(name="fits", definition=fits)
+    )
+    session.commit()
+
+
+def test_oversized_draft_is_refused_at_update_and_the_draft_is_kept(session: Session) -> None:
+    user = make_user(session)
+    workflow = make_workflow(session, user, definition=json_definition())
+    session.commit()
+    before = dict(workflow.definition)
+    with override_settings(MAX_DEFINITION_BYTES=4096):
+        with pytest.raises(ValidationFailed, match="larger than 4096 bytes"):
+            workflow_crud.update_workflow(
+                session=session,
+                workflow_id=workflow.id,
+                user_id=user.id,
+                data=WorkflowUpdate(definition=_big_draft(5000)),
+            )
+        # Multi-byte text counts in bytes: 2,000 characters of 3 bytes each exceed 4 KiB.
+        with pytest.raises(ValidationFailed, match="larger than"):
+            workflow_crud.update_workflow(
+                session=session,
+                workflow_id=workflow.id,
+                user_id=user.id,
+                data=WorkflowUpdate(definition={"notes": "€" * 2000}),
+            )
+    session.rollback()
+    session.expire_all()
+    assert (
+        workflow_crud.get_workflow_by_id_and_user(
+            session=session, workflow_id=workflow.id, user_id=user.id
+        ).definition
+        == before
+    )
+
+
+def test_draft_with_a_lone_surrogate_is_a_validation_error(session: Session) -> None:
+    user = make_user(session)
+    with pytest.raises(ValidationFailed, match="not valid Unicode"):
+        workflow_crud.create_workflow(
+            session=session,
+            user_id=user.id,
+            data=WorkflowCreate(name="bad", definition={"notes": "x\ud800"}),
+        )

@@ -15,8 +15,14 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from flowbuilder.platform import runner
 from flowbuilder.platform.crud import balance_crud, execution_crud, log_crud, phase_crud
+from flowbuilder.platform.engine import (
+    Outcome,
+    RunResult,
+    cancel_execution,
+    prepare_execution,
+    run_execution,
+)
 from flowbuilder.platform.errors import (
     Conflict,
     InsufficientCredits,
@@ -167,7 +173,7 @@ def _prepare(session: Session, definition: dict[str, Any], credits: int = 100, *
     user = make_user(session, credits=credits)
     wf = make_workflow(session, user, definition=definition, publish=True)
     session.commit()
-    ex = runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id, **kw)
+    ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id, **kw)
     session.commit()
     return user, wf, ex
 
@@ -183,8 +189,8 @@ def _reload(session: Session, ex: WorkflowExecution) -> WorkflowExecution:
 
 def test_multi_phase_execution_records_everything(engine, session: Session) -> None:
     user, wf, ex = _prepare(session, json_definition(3), credits=10)
-    result = runner.run_execution(ex.id)
-    assert result.outcome == runner.Outcome.COMPLETED and result.phases_run == 3
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.COMPLETED and result.phases_run == 3
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.COMPLETED and ex.error is None
     assert ex.credits_consumed == 3 and ex.duration_ms is not None and ex.lease_owner is None
@@ -201,8 +207,8 @@ def test_multi_phase_execution_records_everything(engine, session: Session) -> N
     assert sorted(d.idempotency_key for d in debits) == sorted(f"phase:{p.id}" for p in phases)
     assert balance_crud.ledger_total(session=session, user_id=user.id) == 7
     # Running it again (a duplicate delivery) changes nothing.
-    again = runner.run_execution(ex.id)
-    assert again.outcome == runner.Outcome.ALREADY_DONE
+    again = run_execution(ex.id)
+    assert again.outcome == Outcome.ALREADY_DONE
     assert balance_crud.get_balance(session=session, user_id=user.id) == 7
 
 
@@ -210,7 +216,7 @@ def test_logs_are_recorded_in_order(engine, session: Session) -> None:
     user, _, ex = _prepare(
         session, _chain(("test_chatty", {"lines": 5}), ("test_flaky", {"failures": 1}))
     )
-    runner.run_execution(ex.id)
+    run_execution(ex.id)
     logs = log_crud.list_logs(session=session, execution_id=ex.id, user_id=user.id)
     messages = [entry.message for entry in logs]
     assert messages[:5] == [f"line {i}" for i in range(5)]
@@ -228,11 +234,11 @@ def test_prepare_refusals(engine, session: Session) -> None:
     wf = make_workflow(session, user, definition=json_definition(2), publish=True)
     session.commit()
     with pytest.raises(NotFound):
-        runner.prepare_execution(session=session, workflow_id=wf.id, user_id=other.id)
+        prepare_execution(session=session, workflow_id=wf.id, user_id=other.id)
     with pytest.raises(Conflict, match="not published"):
-        runner.prepare_execution(session=session, workflow_id=draft.id, user_id=user.id)
+        prepare_execution(session=session, workflow_id=draft.id, user_id=user.id)
     with pytest.raises(InsufficientCredits):
-        runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
     session.rollback()
     session.expire_all()
     assert session.exec(select(WorkflowExecution)).all() == []
@@ -251,7 +257,7 @@ def test_definition_invalid_at_enqueue_is_refused(engine, session: Session) -> N
     )
     session.commit()
     with pytest.raises(ValidationFailed, match="nope"):
-        runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
 
 
 def test_rate_limit_guest_stricter(engine, session: Session) -> None:
@@ -261,16 +267,16 @@ def test_rate_limit_guest_stricter(engine, session: Session) -> None:
         gwf = make_workflow(session, guest, definition=json_definition(1), publish=True)
         uwf = make_workflow(session, user, definition=json_definition(1), publish=True)
         session.commit()
-        runner.prepare_execution(session=session, workflow_id=gwf.id, user_id=guest.id)
+        prepare_execution(session=session, workflow_id=gwf.id, user_id=guest.id)
         session.commit()
         with pytest.raises(RateLimited):
-            runner.prepare_execution(session=session, workflow_id=gwf.id, user_id=guest.id)
+            prepare_execution(session=session, workflow_id=gwf.id, user_id=guest.id)
         session.rollback()
         for _ in range(3):
-            runner.prepare_execution(session=session, workflow_id=uwf.id, user_id=user.id)
+            prepare_execution(session=session, workflow_id=uwf.id, user_id=user.id)
             session.commit()
         with pytest.raises(RateLimited):
-            runner.prepare_execution(session=session, workflow_id=uwf.id, user_id=user.id)
+            prepare_execution(session=session, workflow_id=uwf.id, user_id=user.id)
         session.rollback()
     counts = {
         uid: len(execution_crud.list_executions_for_user(session=session, user_id=uid))
@@ -287,8 +293,8 @@ def test_insufficient_credits_mid_run_fails_cleanly(engine, session: Session) ->
     # Another spend drains the balance after the enqueue check passed.
     balance_crud.debit_credits(session=session, user_id=user.id, amount=2, idempotency_key="x")
     session.commit()
-    result = runner.run_execution(ex.id)
-    assert result.outcome == runner.Outcome.FAILED
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.FAILED
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED and "insufficient credits" in ex.error
     statuses = [
@@ -306,7 +312,7 @@ def test_failed_phase_refund_policy(engine, session: Session, refund: bool) -> N
         user, _, ex = _prepare(
             session, _chain(("test_chatty", {"lines": 1}), ("test_boom", {})), credits=10
         )
-        runner.run_execution(ex.id)
+        run_execution(ex.id)
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED and "the node refused" in ex.error
     expected = 9 if refund else 6
@@ -332,11 +338,11 @@ def test_cancel_before_next_phase(engine, session: Session) -> None:
     def cancel_after_first(phase) -> None:
         if phase.position == 0:
             with Session(engine) as s:
-                runner.cancel_execution(session=s, execution_id=ex.id, user_id=user.id)
+                cancel_execution(session=s, execution_id=ex.id, user_id=user.id)
                 s.commit()
 
-    result = runner.run_execution(ex.id, on_phase_started=cancel_after_first)
-    assert result.outcome == runner.Outcome.CANCELLED
+    result = run_execution(ex.id, on_phase_started=cancel_after_first)
+    assert result.outcome == Outcome.CANCELLED
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.CANCELLED
     statuses = [
@@ -350,15 +356,15 @@ def test_cancel_before_next_phase(engine, session: Session) -> None:
 
 def test_cancel_pending_never_runs(engine, session: Session) -> None:
     user, _, ex = _prepare(session, json_definition(2), credits=10)
-    runner.cancel_execution(session=session, execution_id=ex.id, user_id=user.id)
+    cancel_execution(session=session, execution_id=ex.id, user_id=user.id)
     session.commit()
-    assert runner.run_execution(ex.id).outcome == runner.Outcome.ALREADY_DONE
+    assert run_execution(ex.id).outcome == Outcome.ALREADY_DONE
     assert balance_crud.get_balance(session=session, user_id=user.id) == 10
 
 
 def test_node_timeout_fails_phase(engine, session: Session) -> None:
     user, _, ex = _prepare(session, _single("test_stubborn", seconds=2), credits=10)
-    runner.run_execution(ex.id)
+    run_execution(ex.id)
     # The run ended while the node was still sleeping: it did not wait for it.
     assert str(ex.id) not in _stubborn_finished
     ex = _reload(session, ex)
@@ -376,7 +382,7 @@ def test_execution_timeout(engine, session: Session) -> None:
             ),
             credits=10,
         )
-        runner.run_execution(ex.id)
+        run_execution(ex.id)
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED
     assert ex.error == "execution timed out after 0.5s"
@@ -389,8 +395,8 @@ def test_execution_timeout(engine, session: Session) -> None:
 
 def test_transient_retry_within_phase_debits_once(engine, session: Session) -> None:
     user, _, ex = _prepare(session, _single("test_flaky", failures=2), credits=10)
-    result = runner.run_execution(ex.id)
-    assert result.outcome == runner.Outcome.COMPLETED
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.COMPLETED
     phase = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)[0]
     assert phase.outputs == {"attempts": 3}
     assert balance_crud.get_balance(session=session, user_id=user.id) == 8
@@ -398,7 +404,7 @@ def test_transient_retry_within_phase_debits_once(engine, session: Session) -> N
 
 def test_retries_exhausted_fail_the_phase(engine, session: Session) -> None:
     user, _, ex = _prepare(session, _single("test_flaky", failures=10), credits=10)
-    runner.run_execution(ex.id)
+    run_execution(ex.id)
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED and "flaky attempt 4" in ex.error
 
@@ -408,12 +414,12 @@ def test_retries_exhausted_fail_the_phase(engine, session: Session) -> None:
 
 def test_two_workers_race_for_one_execution(engine, session: Session) -> None:
     user, _, ex = _prepare(session, _chain(*[("delay", {"seconds": 0.05})] * 4), credits=10)
-    results: list[runner.RunResult] = []
+    results: list[RunResult] = []
     barrier = threading.Barrier(3)
 
     def run() -> None:
         barrier.wait()
-        results.append(runner.run_execution(ex.id))
+        results.append(run_execution(ex.id))
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:
@@ -443,7 +449,7 @@ def test_resume_after_crash_skips_completed_and_never_double_debits(
                 raise Crash()
 
         with pytest.raises(Crash):
-            runner.run_execution(ex.id, owner="dead-worker", on_phase_started=crash_in_second)
+            run_execution(ex.id, owner="dead-worker", on_phase_started=crash_in_second)
         phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
         assert [p.status for p in phases] == [
             PhaseStatus.COMPLETED,
@@ -451,11 +457,11 @@ def test_resume_after_crash_skips_completed_and_never_double_debits(
             PhaseStatus.CREATED,
         ]
         assert balance_crud.get_balance(session=session, user_id=user.id) == 8
-        held = runner.run_execution(ex.id, owner="new-worker")
-        assert held.outcome == runner.Outcome.LEASE_HELD and held.retry_after > 0
+        held = run_execution(ex.id, owner="new-worker")
+        assert held.outcome == Outcome.LEASE_HELD and held.retry_after > 0
         time.sleep(0.6)
-        result = runner.run_execution(ex.id, owner="new-worker")
-    assert result.outcome == runner.Outcome.COMPLETED and result.phases_run == 2
+        result = run_execution(ex.id, owner="new-worker")
+    assert result.outcome == Outcome.COMPLETED and result.phases_run == 2
     session.rollback()
     session.expire_all()
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
@@ -477,8 +483,8 @@ def test_lost_lease_stops_writing(engine, session: Session) -> None:
                 )
                 s.commit()
 
-    result = runner.run_execution(ex.id, owner="victim", on_phase_started=steal)
-    assert result.outcome == runner.Outcome.LEASE_LOST
+    result = run_execution(ex.id, owner="victim", on_phase_started=steal)
+    assert result.outcome == Outcome.LEASE_LOST
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     # The in-flight phase's result was not written by the worker that lost its lease.
     assert phases[0].status == PhaseStatus.RUNNING and phases[0].outputs is None
@@ -490,10 +496,10 @@ def test_concurrent_executions_of_one_user_never_overdraw(engine, session: Sessi
     session.commit()
     ids = []
     for _ in range(6):
-        ex = runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
         session.commit()
         ids.append(ex.id)
-    threads = [threading.Thread(target=runner.run_execution, args=(i,)) for i in ids]
+    threads = [threading.Thread(target=run_execution, args=(i,)) for i in ids]
     for t in threads:
         t.start()
     for t in threads:
@@ -540,7 +546,7 @@ def test_constant_database_cost_per_phase(engine, session: Session) -> None:
     costs = {}
     for n, lines in ((2, 1), (4, 1), (6, 1), (6, 40)):
         _, _, ex = _prepare(session, _chain(*[("test_chatty", {"lines": lines})] * n), credits=50)
-        costs[(n, lines)] = _count_statements(engine, lambda ex=ex: runner.run_execution(ex.id))
+        costs[(n, lines)] = _count_statements(engine, lambda ex=ex: run_execution(ex.id))
     per_phase = (costs[(4, 1)][0] - costs[(2, 1)][0]) / 2
     assert (costs[(6, 1)][0] - costs[(4, 1)][0]) / 2 == per_phase
     # One transaction per phase: lease check, the previous node's log batch and result,
@@ -572,12 +578,12 @@ def test_credential_deleted_after_enqueue_fails_cleanly(engine, session: Session
     }
     wf = make_workflow(session, user, definition=definition, publish=True)
     session.commit()
-    ex = runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
     session.commit()
     credentials_crud.delete_credential(session=session, credential_id=cred.id, user_id=user.id)
     session.commit()
-    result = runner.run_execution(ex.id)
-    assert result.outcome == runner.Outcome.FAILED
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.FAILED
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED and "no longer available" in ex.error
     assert balance_crud.get_balance(session=session, user_id=user.id) == 10
@@ -589,7 +595,7 @@ def test_credential_deleted_after_enqueue_fails_cleanly(engine, session: Session
 
 def test_nodes_of_one_phase_run_concurrently(engine, session: Session) -> None:
     user, _, ex = _prepare(session, _parallel(*[("delay", {"seconds": 0.3})] * 4), credits=10)
-    stmts, commits = _count_statements(engine, lambda: runner.run_execution(ex.id))
+    stmts, commits = _count_statements(engine, lambda: run_execution(ex.id))
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     assert [p.number for p in phases] == [1, 1, 1, 1]
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 4
@@ -598,7 +604,7 @@ def test_nodes_of_one_phase_run_concurrently(engine, session: Session) -> None:
     assert balance_crud.get_balance(session=session, user_id=user.id) == 6
     # One phase: claim, start, end, finish — the same commits as a one-node phase.
     _, _, single = _prepare(session, _parallel(("delay", {"seconds": 0.01})), credits=10)
-    _, single_commits = _count_statements(engine, lambda: runner.run_execution(single.id))
+    _, single_commits = _count_statements(engine, lambda: run_execution(single.id))
     assert commits == single_commits
 
 
@@ -606,8 +612,8 @@ def test_insufficient_credits_within_a_phase(engine, session: Session) -> None:
     user, _, ex = _prepare(session, _parallel(*[("test_chatty", {"lines": 1})] * 4), credits=4)
     balance_crud.debit_credits(session=session, user_id=user.id, amount=2, idempotency_key="y")
     session.commit()
-    result = runner.run_execution(ex.id)
-    assert result.outcome == runner.Outcome.FAILED and "insufficient credits" in result.error
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.FAILED and "insufficient credits" in result.error
     statuses = [
         p.status
         for p in phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
@@ -630,7 +636,7 @@ def test_one_failing_node_fails_the_run_after_its_phase(engine, session: Session
         {"source": "p0", "sourceHandle": "n", "target": "after", "targetHandle": "after"}
     )
     user, _, ex = _prepare(session, definition, credits=10)
-    runner.run_execution(ex.id)
+    run_execution(ex.id)
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED and "p1 (test_boom) failed" in ex.error
     by_node = {
@@ -662,6 +668,6 @@ def test_bad_execution_inputs_refused_and_nothing_recorded(
     wf = make_workflow(session, user, definition=json_definition(1), publish=True)
     session.commit()
     with pytest.raises(ValidationFailed, match=message):
-        runner.prepare_execution(session=session, workflow_id=wf.id, user_id=user.id, inputs=inputs)
+        prepare_execution(session=session, workflow_id=wf.id, user_id=user.id, inputs=inputs)
     session.rollback()
     assert session.exec(select(WorkflowExecution)).all() == []

@@ -1,0 +1,185 @@
+"""Calling a node: on its own thread, with its timeout and its declared retries."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlmodel import Session
+
+from flowbuilder.platform.engine.lease import Heartbeat
+from flowbuilder.platform.engine.outputs import Unstorable, storable_outputs
+from flowbuilder.platform.engine.state import RunState, is_time_limit
+from flowbuilder.platform.errors import (
+    TransientError,
+)
+from flowbuilder.platform.jsonvalues import clean_string
+from flowbuilder.platform.models import (
+    ExecutionPhase,
+)
+from flowbuilder.platform.redaction import credential_forms, redact, redacted_traceback
+from flowbuilder.platform.settings import get_settings
+
+logger = structlog.get_logger(__name__)
+
+
+NODE_CONCURRENCY = 8
+# One pool for node calls: a node gets a thread so its timeout can be enforced from
+# outside even when the node itself ignores its deadline. Larger than NODE_CONCURRENCY so
+# that a few timed-out nodes still running in the background do not starve new ones.
+_node_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=NODE_CONCURRENCY * 2, thread_name_prefix="node"
+)
+
+
+_phase_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=NODE_CONCURRENCY, thread_name_prefix="phase"
+)
+
+
+def invoke_all(
+    started: list[tuple[ExecutionPhase, Any, Any]],
+    inputs: dict[uuid.UUID, dict[str, Any]],
+    state: RunState,
+    heartbeat: Heartbeat,
+) -> list[NodeOutcome]:
+
+    if len(started) == 1:  # the common case: no extra thread hop
+        phase, node, credential = started[0]
+        return [_invoke(node, phase, inputs[phase.id], credential, state, heartbeat)]
+    futures = [
+        _phase_pool.submit(_invoke, node, phase, inputs[phase.id], credential, state, heartbeat)
+        for phase, node, credential in started
+    ]
+    return [f.result() for f in futures]
+
+
+def load_credential(s: Session, credential_id: Any, user_id: uuid.UUID) -> Any:
+    """Decrypt the node's credential for this one call (scoped to the run's user).
+
+    NotFound when it was deleted (or its secret was) since the run was enqueued."""
+    from flowbuilder.platform.crud import credentials_crud
+    from flowbuilder.platform.nodes.base import NodeCredential
+
+    cred, secret = credentials_crud.resolve_credential_value(
+        session=s, credential_id=uuid.UUID(str(credential_id)), user_id=user_id
+    )
+    return NodeCredential(type=cred.type, secret=secret, name=cred.name)
+
+
+@dataclass
+class NodeOutcome:
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    cancelled: bool = False
+    execution_timeout: bool = False
+    logs: list[Any] = field(default_factory=list)
+
+
+def _invoke(
+    node: Any,
+    phase: ExecutionPhase,
+    inputs: dict[str, Any],
+    credential: Any,
+    state: RunState,
+    heartbeat: Heartbeat,
+) -> NodeOutcome:
+    """Run one node with its timeout and its declared retries for transient errors."""
+    from flowbuilder.platform.nodes import get_node_type
+    from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
+
+    settings = get_settings()
+    node_type = get_node_type(phase.node_type)
+    node_log = NodeLogger()
+    timeout = float(node.timeout_seconds or node_type.timeout_seconds)
+    attempts = 1 + (int(node_type.max_retries) if node_type.retryable else 0)
+    result = NodeOutcome()
+    for attempt in range(1, attempts + 1):
+        left = state.deadline - time.monotonic()
+        budget = min(timeout, left)
+        if budget <= 0:
+            result.error, result.execution_timeout = "execution time budget exhausted", True
+            break
+        ctx = NodeContext(
+            execution_id=state.execution_id,
+            user_id=state.user_id,
+            node_id=phase.node_id,
+            credential=credential,
+            log=node_log,
+            deadline=time.monotonic() + budget,
+            cancelled=heartbeat.cancelled.is_set,
+        )
+        started = time.monotonic()
+        future = _node_pool.submit(node_type.invoke, inputs, ctx)
+        try:
+            result.outputs = future.result(timeout=budget + 0.5)
+            result.error = None
+            break
+        except concurrent.futures.TimeoutError:
+            result.error = f"timed out after {budget:g}s"
+            result.execution_timeout = budget < timeout
+            node_log.error(f"node {phase.node_id} timed out after {budget:g}s")
+            break
+        except NodeCancelled:
+            result.error, result.cancelled = "cancelled", True
+            break
+        except TransientError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            if attempt < attempts and not heartbeat.cancelled.is_set():
+                backoff = float(node_type.retry_backoff_seconds) * (2 ** (attempt - 1))
+                backoff = min(backoff, max(0.0, state.deadline - time.monotonic() - 0.1))
+                node_log.warning(
+                    f"attempt {attempt} of {attempts} failed ({result.error}); "
+                    f"retrying in {backoff:.1f}s"
+                )
+                logger.info("node_retry", node_id=phase.node_id, attempt=attempt, backoff=backoff)
+                time.sleep(backoff)
+                continue
+            if time.monotonic() - started >= budget and budget < timeout:
+                result.execution_timeout = True
+            break
+        except NodeError as exc:
+            result.error = str(exc)
+            break
+        except Exception as exc:  # noqa: BLE001 - a node bug must fail the phase, not the worker
+            if is_time_limit(exc):
+                # The worker's own time limit, not a node bug: the run ends as timed out.
+                raise
+            # The traceback is redacted: a node may raise with its credential in the text.
+            logger.error(
+                "node_crashed",
+                node_id=phase.node_id,
+                node_type=phase.node_type,
+                traceback=redacted_traceback(exc, credential_forms(credential)),
+            )
+            result.error = f"internal error in node type {phase.node_type} ({type(exc).__name__})"
+            break
+    if result.error is None:
+        # The node boundary: what the node returned becomes storable here, or the node
+        # fails with the reason (never a database write that fails on the data).
+        try:
+            result.outputs = storable_outputs(
+                result.outputs,
+                max_bytes=settings.PHASE_OUTPUT_MAX_BYTES,
+                max_depth=settings.PHASE_OUTPUT_MAX_DEPTH,
+            )
+        except Unstorable as exc:
+            result.outputs, result.error = {}, f"its outputs cannot be stored: {exc}"
+    else:
+        result.outputs = {}
+        result.error = clean_string(result.error)
+    if result.error is not None and not result.cancelled:
+        node_log.error(result.error)
+    result.logs = [(e.level, clean_string(e.message), e.timestamp) for e in node_log.drain()]
+    if credential is not None:
+        # A remote server may echo the credential back (headers reflected in a body), and
+        # a node may log or raise with it. Nothing the node produced is stored unredacted.
+        forms = credential_forms(credential)
+        result.outputs = redact(result.outputs, forms)
+        result.error = redact(result.error, forms)
+        result.logs = [(lvl, redact(msg, forms), ts) for lvl, msg, ts in result.logs]
+    return result

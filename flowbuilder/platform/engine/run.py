@@ -1,0 +1,599 @@
+"""The run loop: claim an execution, run its phases, end it exactly once.
+
+Checkpoints. Each phase commits when it starts (status, inputs, debit) and when it ends
+(outputs, logs). A resumed run skips completed phases and re-runs the phase that was in
+flight.
+
+Debits. Each phase is debited with the idempotency key ``phase:<phase id>``: a re-run
+phase is never charged twice.
+
+Cost per phase: two transactions with a fixed number of statements (lease check, phase
+update, debit, log batch), whatever the number of log lines.
+
+Credits policy: a phase's credits are debited when it starts. If its node fails (or is
+cancelled or times out) the credits are refunded when REFUND_FAILED_PHASES is true (the
+default): users pay for work that produced a result. Phases that never start are never
+charged.
+
+Timeouts: each node runs with ``min(node timeout, time left)``. The execution budget
+(EXECUTION_TIMEOUT_SECONDS) is the wall-clock budget of one attempt: a run resumed after
+a worker crash gets a fresh budget for the phases that remain, because SQS redelivery
+time is not the workflow's own time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Session, select
+
+from flowbuilder.platform.crud import (
+    balance_crud,
+    execution_crud,
+    log_crud,
+    phase_crud,
+)
+from flowbuilder.platform.db import get_engine, unit_of_work
+from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
+from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew
+from flowbuilder.platform.engine.state import Outcome, RunResult, RunState, is_time_limit
+from flowbuilder.platform.errors import (
+    FlowBuilderError,
+    InsufficientCredits,
+    NotFound,
+    SecretError,
+    TransientError,
+)
+from flowbuilder.platform.models import (
+    ExecutionPhase,
+    ExecutionStatus,
+    PhaseStatus,
+    WorkflowExecution,
+    WorkflowVersion,
+    utcnow,
+)
+from flowbuilder.platform.settings import get_settings
+
+logger = structlog.get_logger(__name__)
+
+
+def _is_infrastructure_error(exc: BaseException) -> bool:
+    """The database is unreachable or restarting: retry the whole run later.
+
+    Only connection-level failures. A statement refused because of the data in it
+    (DataError, IntegrityError, ProgrammingError) would fail the same way on every retry:
+    retrying it is how a run loops forever, so those end the run instead.
+    """
+    if isinstance(exc, OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and not _is_infrastructure_error(exc)
+
+
+def _describe_db_error(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first[:200]}"
+
+
+def run_execution(
+    execution_id: uuid.UUID,
+    *,
+    owner: str | None = None,
+    engine: Engine | None = None,
+    on_phase_started: Callable[[ExecutionPhase], None] | None = None,
+) -> RunResult:
+    """Run (or resume) an execution to its end. Safe to call for any delivery.
+
+    Raises TransientError on infrastructure failures (database down): the caller retries
+    the whole call, which resumes from the last checkpoint.
+    """
+    engine = engine or get_engine()
+    owner = owner or f"{uuid.uuid4()}"
+    settings = get_settings()
+    log = logger.bind(execution_id=str(execution_id))
+    try:
+        state_or_result = _claim(engine, execution_id, owner, settings.LEASE_SECONDS)
+        if isinstance(state_or_result, RunResult):
+            log.info("execution_skipped", outcome=state_or_result.outcome.value)
+            return state_or_result
+        state = state_or_result
+        # Every line of the run carries these ids; unbound when the run ends.
+        with structlog.contextvars.bound_contextvars(
+            execution_id=str(state.execution_id),
+            workflow_id=str(state.workflow_id) if state.workflow_id else None,
+            user_id=str(state.user_id),
+        ):
+            heartbeat = Heartbeat(engine, execution_id, owner, settings.LEASE_SECONDS)
+            heartbeat.start()
+            try:
+                result = _run_phases(engine, state, heartbeat, on_phase_started)
+            finally:
+                heartbeat.stop()
+            logger.info(
+                "execution_finished",
+                outcome=result.outcome.value,
+                phases_run=result.phases_run,
+                credits=result.credits,
+                error=result.error,
+            )
+    except Exception as exc:
+        if _is_infrastructure_error(exc):
+            release_quietly(engine, execution_id, owner)
+            raise TransientError(f"database unavailable while running {execution_id}") from exc
+        # Anything else would fail the same way on every redelivery: the run ends here,
+        # failed with the reason, instead of waiting for the sweep to revive it.
+        if is_time_limit(exc):
+            error = "execution timed out (the worker's time limit)"
+        else:
+            logger.exception("execution_crashed", execution_id=str(execution_id))
+            error = f"internal error while running the execution ({type(exc).__name__})"
+        if not _fail_quietly(engine, execution_id, owner, error):
+            raise
+        return RunResult(Outcome.FAILED, error=error)
+    return result
+
+
+def _fail_quietly(engine: Engine, execution_id: uuid.UUID, owner: str, error: str) -> bool:
+    """End the execution failed if we still hold its lease. True when it is ended."""
+    try:
+        with unit_of_work(engine) as s:
+            held, _cancel = execution_crud.renew_lease(
+                session=s, execution_id=execution_id, owner=owner, lease_seconds=30
+            )
+            if not held:
+                return False
+            execution = s.get(WorkflowExecution, execution_id)
+            _abandon(s, execution, error)
+        return True
+    except Exception:  # noqa: BLE001 - the lease lapses; attempts bound the retries
+        logger.warning("execution_fail_failed", execution_id=str(execution_id))
+        return False
+
+
+def _abandon(s: Session, execution: WorkflowExecution, error: str) -> None:
+    """End a run that cannot go on: phases left running were charged but never finished
+    (the worker died in them), so they fail and are refunded per the policy."""
+    refund = get_settings().REFUND_FAILED_PHASES
+    running = s.exec(
+        select(ExecutionPhase).where(
+            ExecutionPhase.execution_id == execution.id,
+            ExecutionPhase.status == PhaseStatus.RUNNING,
+        )
+    ).all()
+    for phase in running:
+        refunded = refund and phase.credits_charged > 0
+        if refunded:
+            balance_crud.refund_credits(
+                session=s,
+                user_id=execution.user_id,
+                amount=phase.credits_charged,
+                idempotency_key=f"refund:{phase.id}",
+                execution_id=execution.id,
+                phase_id=phase.id,
+                reason=f"failed phase {phase.node_id}",
+            )
+        phase_crud.update_phase(
+            session=s,
+            phase=phase,
+            status=PhaseStatus.FAILED,
+            error="interrupted: the run ended before this phase finished",
+            credits_charged=0 if refunded else None,
+        )
+    _finish(s, execution.id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
+
+
+def _claim(
+    engine: Engine, execution_id: uuid.UUID, owner: str, lease: float
+) -> RunState | RunResult:
+    from flowbuilder.platform.plan import ExecutionPlan
+
+    with unit_of_work(engine) as s:
+        execution = s.get(WorkflowExecution, execution_id)
+        if execution is None:
+            return RunResult(Outcome.MISSING, error="no such execution")
+        if execution.status.is_terminal:
+            return RunResult(Outcome.ALREADY_DONE)
+        if not execution_crud.acquire_lease(
+            session=s, execution_id=execution_id, owner=owner, lease_seconds=lease
+        ):
+            s.refresh(execution)
+            remaining = lease
+            if execution.lease_expires_at is not None:
+                remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
+            if execution.started_at is not None:
+                elapsed = (utcnow() - execution.started_at).total_seconds()
+                if elapsed > get_settings().EXECUTION_MAX_TOTAL_SECONDS + 2 * lease:
+                    # Past every run's bound: do not come back (see _exhausted).
+                    remaining = 0.0
+            return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
+        s.refresh(execution)
+        settings = get_settings()
+        ended = _exhausted(execution, settings)
+        if ended is not None:
+            _abandon(s, execution, ended)
+            return RunResult(Outcome.FAILED, error=ended)
+        if execution.cancel_requested:
+            _finish(s, execution.id, ExecutionStatus.CANCELLED, "cancelled", PhaseStatus.CANCELLED)
+            return RunResult(Outcome.CANCELLED)
+        version = (
+            s.get(WorkflowVersion, execution.workflow_version_id)
+            if execution.workflow_version_id
+            else None
+        )
+        if version is None or not version.plan:
+            _finish(
+                s,
+                execution.id,
+                ExecutionStatus.FAILED,
+                "the workflow version was deleted before the run",
+                PhaseStatus.SKIPPED,
+            )
+            return RunResult(Outcome.FAILED, error="workflow version missing")
+        if execution.status == ExecutionStatus.PENDING:
+            execution_crud.update_execution_status(
+                session=s, execution_id=execution.id, status=ExecutionStatus.RUNNING
+            )
+        phases = list(
+            s.exec(
+                select(ExecutionPhase)
+                .where(ExecutionPhase.execution_id == execution.id)
+                .order_by(ExecutionPhase.number, ExecutionPhase.position)
+            )
+        )
+        # A failure recorded in the database is final: a resumed run never skips past a
+        # failed phase (a credit refusal, a node that failed) to run the rest.
+        failed = next((p for p in phases if p.status == PhaseStatus.FAILED), None)
+        if failed is not None:
+            error = f"phase {failed.node_id} ({failed.node_type}) failed: {failed.error}"
+            _abandon(s, execution, error)
+            return RunResult(Outcome.FAILED, error=error)
+        budget = settings.EXECUTION_TIMEOUT_SECONDS
+        if execution.started_at is not None:
+            elapsed = (utcnow() - execution.started_at).total_seconds()
+            budget = min(budget, settings.EXECUTION_MAX_TOTAL_SECONDS - elapsed)
+        state = RunState(
+            execution_id=execution.id,
+            user_id=execution.user_id,
+            workflow_id=execution.workflow_id,
+            owner=owner,
+            lease=lease,
+            deadline=time.monotonic() + budget,
+            plan=ExecutionPlan.from_dict(version.plan),
+            phases=phases,
+            next_seq=log_crud.next_log_seq(session=s, execution_id=execution.id),
+        )
+        for phase in phases:
+            if phase.status == PhaseStatus.COMPLETED:
+                state.outputs_by_node[phase.node_id] = phase.outputs or {}
+        return state
+
+
+def _exhausted(execution: WorkflowExecution, settings: Any) -> str | None:
+    """Why a run must not be tried again (attempts or total time used up), or None.
+
+    ``attempts`` counts lease acquisitions: each delivery that took the execution. More
+    than EXECUTION_MAX_ATTEMPTS means the previous ones all ended without finishing (a
+    worker killed mid-run, the database lost): a run that kills its worker every time
+    ends here instead of being redelivered and swept forever."""
+    tries = execution.attempts - 1
+    if tries >= settings.EXECUTION_MAX_ATTEMPTS:
+        return (
+            f"execution abandoned: it crashed its worker {tries} times "
+            f"(EXECUTION_MAX_ATTEMPTS={settings.EXECUTION_MAX_ATTEMPTS})"
+        )
+    if execution.started_at is not None:
+        elapsed = (utcnow() - execution.started_at).total_seconds()
+        if elapsed >= settings.EXECUTION_MAX_TOTAL_SECONDS:
+            return (
+                f"execution timed out: unfinished {elapsed:.0f}s after its first start "
+                f"(EXECUTION_MAX_TOTAL_SECONDS={settings.EXECUTION_MAX_TOTAL_SECONDS:g})"
+            )
+    return None
+
+
+def _finish(
+    s: Session,
+    execution_id: uuid.UUID,
+    status: ExecutionStatus,
+    error: str | None,
+    open_phases: PhaseStatus,
+) -> None:
+    """End the execution: close open phases, total the credits, set the final status."""
+    phase_crud.close_open_phases(session=s, execution_id=execution_id, status=open_phases)
+    total = s.exec(
+        select(sa.func.coalesce(sa.func.sum(ExecutionPhase.credits_charged), 0)).where(
+            ExecutionPhase.execution_id == execution_id
+        )
+    ).one()
+    execution = execution_crud.update_execution_status(
+        session=s, execution_id=execution_id, status=status, error=error
+    )
+    execution.credits_consumed = int(total)
+    s.flush()
+
+
+def _run_phases(
+    engine: Engine,
+    state: RunState,
+    heartbeat: Heartbeat,
+    on_phase_started: Callable[[ExecutionPhase], None] | None,
+) -> RunResult:
+    """Run the plan's phases in order; the nodes of one phase run concurrently.
+
+    One transaction (one commit) per phase, whatever its number of nodes: it records the
+    previous phase's results (logs, outputs, statuses) and starts this one (credentials,
+    debits, statuses), fenced by one lease check. After the last phase, one more
+    transaction records its results and ends the execution. Every node's result is thus
+    committed before the next phase runs: the checkpoint a resumed run starts from.
+    """
+    settings = get_settings()
+    planned = {node.node_id: node for node in state.plan.nodes}
+    groups = [
+        pending
+        for _number, members in itertools.groupby(state.phases, key=lambda p: p.number)
+        if (pending := [p for p in members if p.status in _OPEN_PHASE])
+    ]
+    previous: _GroupRun | None = None
+    for group in [*groups, None]:
+        try:
+            step = _step(engine, state, heartbeat, group, previous, planned, settings)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            return _fail_on_data_error(engine, state, previous, exc)
+        if isinstance(step, RunResult):
+            return step
+        current = step
+        if on_phase_started is not None:
+            for phase, _node, _credential in current.started:
+                on_phase_started(phase)
+        # The nodes themselves, concurrently, outside any transaction.
+        current.outcomes = invoke_all(current.started, current.inputs, state, heartbeat)
+        state.phases_run += len(current.started)
+        previous = current
+    raise AssertionError("unreachable")  # the loop always returns
+
+
+def _step(
+    engine: Engine,
+    state: RunState,
+    heartbeat: Heartbeat,
+    group: list[ExecutionPhase] | None,
+    previous: _GroupRun | None,
+    planned: dict[str, Any],
+    settings: Any,
+) -> _GroupRun | RunResult:
+    """One transaction: record ``previous``, start ``group`` (or end the run)."""
+    with unit_of_work(engine) as s:
+        held, cancel = renew(s, state)
+        if not held:
+            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+        if previous is not None:
+            ended = _record_group(s, state, previous, settings)
+            if ended is not None:
+                return ended
+        if group is None:
+            return _complete(s, state)
+        if cancel or heartbeat.cancelled.is_set():
+            return _cancel_run(s, state)
+        if state.deadline - time.monotonic() <= 0:
+            return _fail_run(s, state, _timeout_message(settings))
+        current = _GroupRun()
+        for phase in group:
+            s.add(phase)
+            try:
+                current.inputs[phase.id] = state.plan.resolve_inputs(
+                    phase.node_id, state.outputs_by_node
+                )
+            except FlowBuilderError as exc:  # a required input upstream did not produce
+                phase_crud.update_phase(
+                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+                )
+                current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+                break
+            current.refusal = _start_phase(
+                s,
+                state,
+                phase,
+                planned[phase.node_id],
+                current.inputs[phase.id],
+                current.started,
+            )
+            if current.refusal is not None:
+                # The rest of this phase does not start; what started still runs.
+                break
+        if current.refusal is not None and not current.started:
+            return _fail_run(s, state, current.refusal)
+    return current
+
+
+def _fail_on_data_error(
+    engine: Engine, state: RunState, previous: _GroupRun | None, exc: BaseException
+) -> RunResult:
+    """The database refused what a phase would store (the data, not the connection).
+
+    Retrying would fail the same way forever (and repeat the nodes' side effects), so
+    the phase whose results could not be stored fails, refunded per the policy, and so
+    does the run."""
+    reason = f"its results could not be stored ({_describe_db_error(exc)})"
+    logger.warning("phase_results_unstorable", error=_describe_db_error(exc))
+    with unit_of_work(engine) as s:
+        held, _cancel = renew(s, state)
+        if not held:
+            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+        settings = get_settings()
+        error = f"execution failed: {reason}"
+        if previous is not None and previous.started:
+            for phase, _node, _credential in previous.started:
+                s.add(phase)
+                outcome = NodeOutcome(error=reason)
+                _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
+            phase = previous.started[0][0]
+            error = f"phase {phase.node_id} ({phase.node_type}) failed: {reason}"
+        return _fail_run(s, state, error)
+
+
+_OPEN_PHASE = (PhaseStatus.CREATED, PhaseStatus.RUNNING)
+
+
+@dataclass
+class _GroupRun:
+    """One phase in flight: what started, with which inputs, and how each node ended."""
+
+    started: list[tuple[ExecutionPhase, Any, Any]] = field(default_factory=list)
+    inputs: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    outcomes: list[NodeOutcome] = field(default_factory=list)
+    refusal: str | None = None
+
+
+def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) -> RunResult | None:
+    """Store a finished phase's logs and results. Returns the run's end if it ends here."""
+    failure: str | None = None
+    cancelled = False
+    for (phase, _node, _credential), outcome in zip(run.started, run.outcomes, strict=True):
+        s.add(phase)
+        state.next_seq = log_crud.append_logs(
+            session=s,
+            execution_id=state.execution_id,
+            phase_id=phase.id,
+            entries=outcome.logs,
+            first_seq=state.next_seq,
+        )
+        if outcome.error is None:
+            outputs = outcome.outputs  # made storable at the node boundary (invoke)
+            phase_crud.update_phase(
+                session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
+            )
+            state.outputs_by_node[phase.node_id] = outputs
+            continue
+        _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
+        cancelled = cancelled or outcome.cancelled
+        if failure is None and not outcome.cancelled:
+            failure = (
+                _timeout_message(settings)
+                if outcome.execution_timeout
+                else f"phase {phase.node_id} ({phase.node_type}) failed: {outcome.error}"
+            )
+    error = run.refusal or failure
+    if error is not None:
+        return _fail_run(s, state, error)
+    if cancelled:
+        return _cancel_run(s, state)
+    return None
+
+
+def _fail_run(s: Session, state: RunState, error: str) -> RunResult:
+    _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
+    return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
+
+
+def _complete(s: Session, state: RunState) -> RunResult:
+    _finish(s, state.execution_id, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
+    credits = s.get(WorkflowExecution, state.execution_id).credits_consumed
+    return RunResult(Outcome.COMPLETED, phases_run=state.phases_run, credits=credits)
+
+
+def _cancel_run(s: Session, state: RunState) -> RunResult:
+    _finish(
+        s,
+        state.execution_id,
+        ExecutionStatus.CANCELLED,
+        "cancelled by the user",
+        PhaseStatus.CANCELLED,
+    )
+    return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
+
+
+def _start_phase(
+    s: Session,
+    state: RunState,
+    phase: ExecutionPhase,
+    node: Any,
+    inputs: dict[str, Any],
+    started: list[tuple[ExecutionPhase, Any, Any]],
+) -> str | None:
+    """Load the credential, debit, mark running. Returns why the run must stop, or None."""
+    credential = None
+    error = run_error = None
+    if node.credential_id is not None:
+        try:
+            credential = load_credential(s, node.credential_id, state.user_id)
+        except NotFound:
+            # Deleted after the run was enqueued: fail cleanly, charge nothing.
+            error = f"credential {node.credential_id} is no longer available"
+            run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
+        except SecretError as exc:
+            # It cannot be read (a ciphertext moved from another row, a key no longer
+            # configured, the backend refusing): retrying would fail the same way, so the
+            # run ends here, charged nothing. SecretError messages never carry the value.
+            error = f"credential {node.credential_id} could not be read ({exc})"
+            run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
+    if error is None and phase.credits_cost > 0:
+        try:
+            balance_crud.debit_credits(
+                session=s,
+                user_id=state.user_id,
+                amount=phase.credits_cost,
+                idempotency_key=f"phase:{phase.id}",
+                execution_id=state.execution_id,
+                phase_id=phase.id,
+                reason=f"{phase.node_type} {phase.node_id}",
+            )
+        except InsufficientCredits as exc:
+            error = run_error = str(exc)
+    if error is not None:
+        phase_crud.update_phase(session=s, phase=phase, status=PhaseStatus.FAILED, error=error)
+        return run_error
+    phase_crud.update_phase(
+        session=s,
+        phase=phase,
+        status=PhaseStatus.RUNNING,
+        inputs=inputs,
+        credits_charged=phase.credits_cost,
+    )
+    started.append((phase, node, credential))
+    return None
+
+
+def _record_failure(
+    s: Session, state: RunState, phase: ExecutionPhase, outcome: NodeOutcome, refund: bool
+) -> None:
+    status = PhaseStatus.CANCELLED if outcome.cancelled else PhaseStatus.FAILED
+    refunded = refund and phase.credits_charged > 0
+    if refunded:
+        balance_crud.refund_credits(
+            session=s,
+            user_id=state.user_id,
+            amount=phase.credits_charged,
+            idempotency_key=f"refund:{phase.id}",
+            execution_id=state.execution_id,
+            phase_id=phase.id,
+            reason=f"{status.value} phase {phase.node_id}",
+        )
+    phase_crud.update_phase(
+        session=s,
+        phase=phase,
+        status=status,
+        error=outcome.error,
+        credits_charged=0 if refunded else None,
+    )
+
+
+# Coordinates the nodes of one phase; each node itself runs on _node_pool.
+
+
+def _timeout_message(settings: Any) -> str:
+    return f"execution timed out after {settings.EXECUTION_TIMEOUT_SECONDS:g}s"
