@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m benchmarks.bench_engine`` (see README.md)."""
+"""Benchmarks: ``python -m benchmarks [--quick] [--json PATH]`` (see README.md)."""

@@ -164,3 +164,27 @@ def moto_reset(moto_server: str) -> str:
     req = urllib.request.Request(moto_server + "/moto-api/reset", method="POST")
     urllib.request.urlopen(req, timeout=10).read()
     return moto_server
+
+
+# ------------------------------------------------------------------------------ round trips
+
+
+@pytest.fixture
+def pg_round_trips(_pg_schema: str, tmp_path) -> Iterator[object]:
+    """Settings pointing at the test PostgreSQL database through a proxy that counts SQL
+    round trips as the server sees them (BEGIN, COMMIT and pool pings included); yields
+    the :class:`benchmarks.pg_roundtrips.RoundTripProxy` (``round_trips``, ``snapshot()``).
+
+    Count a steady state: psycopg prepares a statement on its 5th execution on a
+    connection, which costs one extra round trip the first time.
+    """
+    from benchmarks.pg_roundtrips import RoundTripProxy
+
+    with (
+        RoundTripProxy() as proxy,
+        override_settings(DATABASE_URL=proxy.url_for(_pg_schema), FLOWBUILDER_HOME=tmp_path),
+    ):
+        db.reset_engines()
+        _truncate(db.get_engine())
+        yield proxy
+    db.reset_engines()

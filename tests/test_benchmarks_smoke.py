@@ -1,83 +1,101 @@
-"""The benchmark runs and reports what it promises (tiny sizes, SQLite only, no timings)."""
+"""The benchmark suite runs and reports what it promises (``--quick``; no timing asserted)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import bench_engine
+from benchmarks import __main__ as bench_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _positive_finite(value: Any) -> bool:
-    return isinstance(value, float) and math.isfinite(value) and value > 0
-
-
-def test_engine_measurement_structure(tmp_path: Path) -> None:
-    baseline = bench_engine.baseline_run_seconds(3, repetitions=1)
-    assert _positive_finite(baseline)
-    row = bench_engine.measure_engine(
-        f"sqlite:///{tmp_path / 'bench.db'}", phases=3, repetitions=1, baseline_seconds=baseline
+def _figure(value: Any) -> bool:
+    """A summary {median, min, max} of positive finite numbers, ordered."""
+    return (
+        isinstance(value, dict)
+        and all(isinstance(value[k], int | float) and math.isfinite(value[k]) for k in value)
+        and 0 < value["min"] <= value["median"] <= value["max"]
     )
-    assert row["backend"] == "sqlite" and row["phases"] == 3 and row["repetitions"] == 1
-    for key in (
-        "baseline_ms_per_phase",
-        "engine_ms_per_phase",
-        "ratio_engine_to_baseline",
-    ):
-        assert _positive_finite(row[key]), (key, row[key])
-    assert math.isfinite(row["overhead_ms_per_phase"])
-    for key in ("statements_per_phase", "commits_per_phase", "statements_fixed"):
-        assert isinstance(row[key], int) and row[key] > 0, (key, row[key])
-    # The engine's cost per phase is constant: the 1-phase and 3-phase runs differ by an
-    # exact multiple, and the total is fixed cost + phases x per-phase cost.
-    assert row["statements_per_phase_exact"] is True
-    assert row["statements_per_run"] == row["statements_fixed"] + 3 * row["statements_per_phase"]
 
 
-def test_measure_engine_refuses_a_single_phase(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least 2"):
-        bench_engine.measure_engine(f"sqlite:///{tmp_path / 'b.db'}", 1, 1, 1.0)
-
-
-def test_definition_measurement_structure() -> None:
-    result = bench_engine.measure_definitions(nodes=20, repetitions=1)
-    assert result["nodes"] == 20 and isinstance(result["bytes"], int) and result["bytes"] > 0
-    for key in (
-        "json_loads_ms",
-        "validate_and_plan_ms",
-        "ratio_validate_plan_to_json_loads",
-        "definitions_per_second",
-    ):
-        assert _positive_finite(result[key]), (key, result[key])
-
-
-def test_concurrency_measurement_structure() -> None:
-    result = bench_engine.measure_concurrency(width=2, seconds=0.05, repetitions=1)
-    assert result["width"] == 2 and result["sequential_ms"] == pytest.approx(100)
-    for key in ("engine_ms", "ratio_engine_to_sequential"):
-        assert _positive_finite(result[key]), (key, result[key])
-
-
-def test_main_prints_a_table_and_writes_only_when_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "results.json"
-    monkeypatch.setattr(bench_engine, "RESULTS_PATH", out)
-    # main() quiets the process's logging; not this test process's.
-    monkeypatch.setattr(bench_engine, "_quiet_logging", lambda: None)
-    args = ["--phases", "3", "--repetitions", "1", "--backends", "sqlite"]
-    assert bench_engine.main(args) == 0
-    assert not out.exists()
-    table = capsys.readouterr().out
-    assert "sqlite" in table and "json.loads" in table and "postgresql" not in table
-    assert "independent" in table
-
-    assert bench_engine.main([*args, "--write"]) == 0
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=560,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "project/baseline" in proc.stdout and "throughput" in proc.stdout
     results = json.loads(out.read_text())
-    assert [row["backend"] for row in results["engine"]] == ["sqlite"]
+    assert results["quick"] is True and results["machine"]["cpus"]
+    w = results["worker"]
+    for measure, keys in {
+        "phase_overhead": [
+            "chain_ms_per_step",
+            "ratio_to_chain",
+            "floor_total_s",
+            "project_total_s",
+            "ratio_total_to_floor",
+        ],
+        "phase_overhead_large_outputs": ["chain_ms_per_step", "project_total_s"],
+        "throughput": ["project_runs_per_s", "bare_tasks_per_s", "ratio"],
+        "drain": ["project_runs_per_s", "bare_tasks_per_s", "ratio"],
+        "wake_after_busy": ["project_ms", "bare_ms"],
+        "phase_sql": [
+            "project_ms_per_phase",
+            "raw_psycopg_ms_per_phase",
+            "core_ms_per_phase",
+            "ratio_to_raw",
+            "round_trips_per_phase",
+        ],
+    }.items():
+        for key in keys:
+            assert _figure(w[measure][key]), (measure, key, w[measure][key])
+    assert w["phase_overhead_large_outputs"]["payload_bytes"] > 1000
+    # Round trips per phase are a whole number: every extra phase costs the same.
+    per_phase = w["phase_sql"]["round_trips_per_phase"]
+    assert per_phase["min"] == per_phase["max"] == int(per_phase["median"])
+    e = w["enqueue"]
+    assert 0 < e["one_send_ms"]["p50"] <= e["one_send_ms"]["p99"]
+    assert 0 < e["project_1_phase_ms"]["p50"] <= e["project_1_phase_ms"]["p99"]
     assert results["definitions"]["nodes"] == 200
-    assert _positive_finite(results["engine"][0]["ratio_engine_to_baseline"])
+    # A quick run writes no report.
+    assert "wrote" not in proc.stdout.replace(f"wrote {out}", "")
+
+
+def test_optional_benchmark_absent_is_reported_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_main, "OPTIONAL", {"scheduler": "benchmarks.no_such_bench_xyz"})
+    results = bench_main.run_all(quick=True, only=("scheduler",))
+    assert results["scheduler"] == {"skipped": "benchmarks.no_such_bench_xyz is not present"}
+
+
+def test_optional_benchmark_present_is_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "fake_sched_bench.py").write_text(
+        "def run(quick):\n    return {'quick': quick, 'ticks_per_s': 12.5}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(bench_main, "OPTIONAL", {"scheduler": "fake_sched_bench"})
+    results = bench_main.run_all(quick=True, only=("scheduler",))
+    assert results["scheduler"] == {"quick": True, "ticks_per_s": 12.5}
+    assert ("scheduler: ticks_per_s", "", "12.5", "") in bench_main.rows(results)
+
+
+def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench_main.main(["--only", "nonsense"])
+    assert "unknown benchmark(s): nonsense" in capsys.readouterr().err

@@ -66,9 +66,29 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # is wasted work). `flowbuilder sqs ensure-queues` sets it on the queue too:
             # kombu only applies it to queues that it creates itself.
             "visibility_timeout": settings.SQS_VISIBILITY_TIMEOUT,
+            # Long polling: an idle worker waits on SQS, which answers as soon as a
+            # message arrives, so this sets the cost of an idle queue (empty receives),
+            # not latency. It is also how long a stopped worker's pending poll may still
+            # receive a message that then stays invisible for the visibility timeout
+            # (README, Operations).
             "wait_time_seconds": settings.SQS_WAIT_TIME_SECONDS,
-            "polling_interval": 0.5,
+            # Chosen by measurement (`python -m benchmarks --only broker`, results in
+            # benchmarks/results/): kombu waits this long after a poll that brought
+            # nothing, and also after each check it makes while every process is busy.
+            # So a busy worker picks up its next message up to this late: 0.5 s capped a
+            # 2-process worker at ~3.8 one-phase runs/s and delayed the start of a run
+            # after a busy moment by up to ~0.45 s. 0.01 s gave the best throughput and
+            # drain with the polling parent at ~1% of a core while its children are busy;
+            # 0 was not faster (and makes that check a tight loop). An empty queue is
+            # still long-polled, so idle cost is unchanged.
+            "polling_interval": 0.01,
             "queue_name_prefix": settings.SQS_QUEUE_PREFIX,
+            # Prefetch (worker_prefetch_multiplier in celery_config) stays 1 and there is
+            # no separate batch-receive setting: kombu asks SQS for as many messages as
+            # the prefetch window has room for. A larger window (4) did not drain short
+            # runs faster here, and with late acks it would hold messages invisible
+            # behind a long run while another worker is idle. Short and long workflows
+            # therefore share one queue and one configuration.
         }
         if settings.SQS_ENDPOINT_URL:
             options["is_secure"] = settings.SQS_ENDPOINT_URL.startswith("https://")
@@ -76,12 +96,14 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     if url.startswith("filesystem://"):
         # The embedded default: a broker in plain folders, no server needed.
         folder = (settings.FLOWBUILDER_HOME / "broker").resolve()
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            # kombu's default is ./control, in whatever directory the process runs in.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     return {}

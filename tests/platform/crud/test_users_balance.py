@@ -187,6 +187,75 @@ def test_concurrent_debits_from_threads(engine, session: Session) -> None:
     assert balance_crud.ledger_total(session=session, user_id=user.id) == balance
 
 
+def test_racing_debit_with_the_same_key_debits_once(engine, session: Session) -> None:
+    """A second transaction debits a key that the first has recorded but not committed:
+    it waits for the first, then records nothing and takes nothing."""
+    user = make_user(session, credits=5)
+    session.commit()
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        try:
+            with Session(engine, expire_on_commit=False) as s2:
+                outcome["result"] = balance_crud.debit_credits(
+                    session=s2, user_id=user.id, amount=2, idempotency_key="race"
+                )
+                s2.commit()
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            outcome["error"] = exc
+
+    with Session(engine) as s1:
+        first, created = balance_crud.debit_credits(
+            session=s1, user_id=user.id, amount=2, idempotency_key="race"
+        )
+        assert created
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.3)  # the second one now waits on the balance row (or write lock)
+        s1.commit()
+    thread.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    row, created_again = outcome["result"]
+    assert created_again is False and row.id == first.id
+    session.expire_all()
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 3
+    assert balance_crud.ledger_total(session=session, user_id=user.id) == 3
+
+
+def test_debit_is_one_round_trip_on_postgresql(pg_round_trips) -> None:
+    """The decrement and its ledger row go to the server together; a redelivered key and
+    an insufficient balance change nothing."""
+    from flowbuilder.platform import db
+
+    with db.unit_of_work() as s:
+        user = make_user(s, credits=10)
+    for i in range(6):  # past psycopg's prepare threshold: a steady state is counted
+        with db.unit_of_work() as s:
+            balance_crud.debit_credits(
+                session=s, user_id=user.id, amount=1, idempotency_key=f"warm-{i}"
+            )
+    with db.unit_of_work() as s:
+        # BEGIN (sent by psycopg before the transaction's first statement) and the
+        # pool's ping happen here, not in the debit.
+        balance_crud.get_balance(session=s, user_id=user.id)
+        before = pg_round_trips.round_trips
+        row, created = balance_crud.debit_credits(
+            session=s, user_id=user.id, amount=1, idempotency_key="counted"
+        )
+        assert pg_round_trips.round_trips - before == 1
+    assert created and row.balance_after == 3
+    with db.unit_of_work() as s:
+        again, created = balance_crud.debit_credits(
+            session=s, user_id=user.id, amount=1, idempotency_key="counted"
+        )
+        assert not created and again.id == row.id
+        with pytest.raises(InsufficientCredits):
+            balance_crud.debit_credits(session=s, user_id=user.id, amount=4, idempotency_key="x")
+    with db.unit_of_work() as s:
+        assert balance_crud.get_balance(session=s, user_id=user.id) == 3
+        assert balance_crud.ledger_total(session=s, user_id=user.id) == 3
+
+
 # --- guest creation limit and unencodable text (issue 11) ------------------------------------
 
 
