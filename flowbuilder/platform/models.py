@@ -121,6 +121,9 @@ class ExecutionStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A cron fire that could not run (no credits, invalid definition, rate limited,
+    # missed while beat was down): recorded so the user sees it, never run.
+    SKIPPED = "skipped"
 
     @property
     def is_terminal(self) -> bool:
@@ -128,7 +131,12 @@ class ExecutionStatus(enum.StrEnum):
 
 
 TERMINAL_EXECUTION_STATUSES = frozenset(
-    {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+    {
+        ExecutionStatus.COMPLETED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.CANCELLED,
+        ExecutionStatus.SKIPPED,
+    }
 )
 
 
@@ -333,6 +341,10 @@ class WorkflowExecution(SQLModel, table=True):
         # the sweep: pending or running executions by age.
         sa.Index("ix_workflow_execution_status_created", "status", "created_at"),
         sa.Index("ix_workflow_execution_workflow", "workflow_id"),
+        # Exactly once per cron fire: one execution per workflow and scheduled fire time,
+        # whichever beat (or retry) inserts it first. Manual runs have NULL here, and
+        # NULLs never collide.
+        sa.UniqueConstraint("workflow_id", "scheduled_for"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -358,6 +370,10 @@ class WorkflowExecution(SQLModel, table=True):
     duration_ms: int | None = None
     # When the task message was last sent (the sweep re-sends stale pending runs).
     enqueued_at: datetime | None = _ts()
+    # Cron runs: the fire time this execution stands for (UTC), and the earlier fire
+    # times that were missed and folded into it (ISO strings, capped), see beat.
+    scheduled_for: datetime | None = _ts()
+    skipped_fire_times: list[str] | None = _json()
 
 
 class ExecutionRead(SQLModel):
@@ -373,6 +389,8 @@ class ExecutionRead(SQLModel):
     started_at: datetime | None
     completed_at: datetime | None
     duration_ms: int | None
+    scheduled_for: datetime | None = None
+    skipped_fire_times: list[str] | None = None
 
 
 class ExecutionPhase(SQLModel, table=True):
