@@ -196,8 +196,8 @@ def fire_due(
 
     user_ids = {row[1] for row in rows}
     # 2. Users, balances and credentials of every owner in the batch (three statements).
-    guests = dict(session.execute(sa.select(User.id, User.is_guest).where(User.id.in_(user_ids))))
-    balances = dict(
+    guests = _pairs(session.execute(sa.select(User.id, User.is_guest).where(User.id.in_(user_ids))))
+    balances = _pairs(
         session.execute(
             sa.select(UserBalance.user_id, UserBalance.credits).where(
                 UserBalance.user_id.in_(user_ids)
@@ -394,6 +394,11 @@ def fire_due(
     return outcome
 
 
+def _pairs(result: Any) -> dict[Any, Any]:
+    """Two-column rows as a dict (a Result has ``keys()``, so ``dict(result)`` misreads it)."""
+    return {a: b for a, b in result}
+
+
 def _hit_many(session: Session, hits: dict[str, int], start: datetime) -> dict[str, int]:
     """Add ``hits[key]`` to each key's counter of the window; the counts after, by key."""
     if not hits:
@@ -408,7 +413,7 @@ def _hit_many(session: Session, hits: dict[str, int], start: datetime) -> dict[s
         index_elements=["key", "window_start"],
         set_={"count": RateLimitEntry.count + stmt.excluded["count"]},
     ).returning(RateLimitEntry.key, RateLimitEntry.count)
-    return dict(session.execute(stmt).tuples())
+    return _pairs(session.execute(stmt))
 
 
 def scheduled_next_runs(
@@ -425,9 +430,9 @@ def scheduled_next_runs(
         Workflow.next_run_at.is_not(None),
     )
     if workflow_ids is None:
-        return dict(session.execute(stmt).tuples())
+        return _pairs(session.execute(stmt))
     result: dict[uuid.UUID, datetime | None] = dict.fromkeys(workflow_ids)
     for i in range(0, len(workflow_ids), 1000):
         chunk = workflow_ids[i : i + 1000]
-        result.update(session.execute(stmt.where(Workflow.id.in_(chunk))).tuples())
+        result.update(_pairs(session.execute(stmt.where(Workflow.id.in_(chunk)))))
     return result
