@@ -166,6 +166,10 @@ def note_change(session: Session, workflow_id: uuid.UUID, next_run_at: datetime 
 
 @event.listens_for(OrmSession, "after_commit")
 def _apply_changes(session: OrmSession) -> None:
+    if session.in_nested_transaction():
+        # SQLAlchemy emits after_commit when a SAVEPOINT is released too; only the
+        # outer commit makes the change real.
+        return
     changes = session.info.pop(_CHANGES, None)
     if not changes:
         return
