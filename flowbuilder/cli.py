@@ -32,6 +32,7 @@ secrets_cli = typer.Typer(no_args_is_help=True, help="Stored secrets.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(sqs_cli, name="sqs")
 cli.add_typer(secrets_cli, name="secrets")
+cli.add_typer(__import__("flowbuilder.beat.cli", fromlist=["beat_app"]).beat_app, name="beat")
 
 
 @db_cli.command("upgrade")
@@ -180,9 +181,17 @@ def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run."
         workflow = workflow_crud.create_workflow(
             session=session,
             user_id=user.id,
-            data=WorkflowCreate(name=f"demo-{uuid.uuid4().hex[:8]}", definition=DEMO_DEFINITION),
+            data=WorkflowCreate(
+                name=f"demo-{uuid.uuid4().hex[:8]}",
+                definition=DEMO_DEFINITION,
+                cron="0 9 * * 1-5",
+                timezone="Europe/Paris",
+            ),
         )
         workflow_crud.publish_workflow(session=session, workflow_id=workflow.id, user_id=user.id)
+    from flowbuilder.beat.cli import schedule_lines
+
+    typer.echo("\n".join(schedule_lines(workflow.id)))
     with unit_of_work() as session:
         execution = enqueue_execution(
             session, workflow.id, user.id, correlation_id=f"demo-{uuid.uuid4().hex[:8]}"
