@@ -71,6 +71,15 @@ class CronFirer:
         self.sender = sender or BatchSender(app, self.settings)
         self._next_reconcile = 0.0
         self.last: list[TickStats] = []
+        self.last_reports: list[SendReport] = []
+
+    def warm_up(self) -> None:
+        """Pay the one-off costs (imports, SQS channel, message template) before the
+        first fire rather than in it."""
+        import flowbuilder.platform.definitions  # noqa: F401
+        import flowbuilder.platform.plan  # noqa: F401
+
+        self.sender.warm_up()
 
     def close(self) -> None:
         self.sender.close()
@@ -92,6 +101,7 @@ class CronFirer:
         """Fire what is due at ``now``; seconds until the next fire (capped)."""
         self._reconcile_if_due()
         self.last = []
+        self.last_reports = []
         batch = self.settings.BEAT_FIRE_BATCH_SIZE
         while True:
             started = time.perf_counter()
@@ -104,6 +114,7 @@ class CronFirer:
                     session=session, now=at, workflow_ids=ids, settings=self.settings
                 )
             report: SendReport = self.sender.send(outcome.to_send)
+            self.last_reports.append(report)
             cron_schedule.apply(outcome.next_runs, client=self.client, settings=self.settings)
             elapsed = time.perf_counter() - started
             stats = TickStats(
@@ -144,6 +155,10 @@ class FlowBuilderScheduler(RedBeatScheduler):
     def firer(self) -> CronFirer:
         if self._firer is None:
             self._firer = CronFirer(self.app)
+            try:
+                self._firer.warm_up()
+            except Exception as exc:  # noqa: BLE001 - the first fire pays instead
+                logger.warning("cron_warm_up_failed", error=type(exc).__name__)
         return self._firer
 
     def tick(self, min: Any = min, **kwargs: Any) -> float:  # noqa: A002 - Celery's name

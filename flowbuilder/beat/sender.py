@@ -45,6 +45,9 @@ class SendReport:
     # Seconds spent inside SQS calls (wall clock of the parallel sends).
     sqs_seconds: float = 0.0
     build_seconds: float = 0.0
+    # (messages, wall-clock time.time() when SQS acknowledged them), one per request:
+    # the benchmark's fire lag.
+    acked: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _b64(data: str) -> str:
@@ -171,6 +174,7 @@ class BatchSender:
                 try:
                     send_execution(execution_id, correlation_id)
                     report.sent += 1
+                    report.acked.append((1, time.time()))
                 except Exception as exc:  # noqa: BLE001 - the sweep re-sends it
                     report.failed.append(str(execution_id))
                     logger.error("cron_send_failed", error=type(exc).__name__)
@@ -195,20 +199,28 @@ class BatchSender:
         started = time.perf_counter()
         futures = [self._pool.submit(self._send_batch, url, entries) for url, entries in batches]
         for future in futures:
-            sent, failed = future.result()
+            sent, failed, acked_at = future.result()
             report.sent += sent
             report.failed.extend(failed)
+            report.acked.append((sent, acked_at))
         report.sqs_seconds = time.perf_counter() - started
         report.requests = len(batches)
         if report.failed:
             logger.error("cron_send_failed", failed=len(report.failed), sent=report.sent)
         return report
 
-    def _send_batch(self, queue_url: str, entries: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    def _send_batch(
+        self, queue_url: str, entries: list[dict[str, Any]]
+    ) -> tuple[int, list[str], float]:
         try:
             response = self._client.send_message_batch(QueueUrl=queue_url, Entries=entries)
         except Exception as exc:  # noqa: BLE001 - logged; the sweep re-sends
             logger.error("cron_send_batch_failed", error=type(exc).__name__, size=len(entries))
-            return 0, [e["Id"] for e in entries]
+            return 0, [e["Id"] for e in entries], time.time()
         failed = [f.get("Id", "?") for f in response.get("Failed", [])]
-        return len(response.get("Successful", [])), failed
+        return len(response.get("Successful", [])), failed, time.time()
+
+    def warm_up(self) -> None:
+        """Open the SQS channel and build one message now, not in the first fire."""
+        if self.is_sqs:
+            self.build_exact([(uuid.uuid4(), None)])
