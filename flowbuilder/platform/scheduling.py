@@ -32,8 +32,9 @@ No Celery here: the caller sends the returned execution ids after the commit.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -73,9 +74,6 @@ logger = structlog.get_logger(__name__)
 # Missed fire times listed on one execution at most; a cron "* * * * *" missed for a week
 # would otherwise be 10,080 timestamps (and as many croniter steps) per workflow.
 MAX_RECORDED_MISSED = 200
-# Rows per INSERT statement: 1,000 executions of ~16 columns stay under SQLite's
-# 32,766 bound parameters.
-_INSERT_CHUNK = 500
 
 
 @dataclass
@@ -142,9 +140,6 @@ def fire_due(
     Flushes only; the caller commits, then sends ``outcome.to_send`` and applies
     ``outcome.next_runs`` to the Redis schedule.
     """
-    from flowbuilder.platform.definitions import validate_definition
-    from flowbuilder.platform.plan import ExecutionPlan
-
     settings = settings or get_settings()
     now = now or utcnow()
     limit = limit or settings.BEAT_FIRE_BATCH_SIZE
@@ -159,8 +154,6 @@ def fire_due(
             Workflow.timezone,
             Workflow.next_run_at,
             WorkflowVersion.id,
-            WorkflowVersion.definition,
-            WorkflowVersion.plan,
         )
         .outerjoin(
             WorkflowVersion,
@@ -213,11 +206,18 @@ def fire_due(
     # 3. Each fire: its fire times, the checks that do not depend on other fires.
     policy = settings.BEAT_MISSED_FIRE_POLICY
     grace = timedelta(seconds=settings.BEAT_MISFIRE_GRACE_SECONDS)
-    plans: dict[uuid.UUID, Any] = {}
     candidates: list[dict[str, Any]] = []
-    for wf_id, user_id, cron, tz, next_run_at, version_id, definition, plan_dict in rows:
+    # Popular schedules ("0 9 * * *", "*/5 * * * *") share their fire times: computed
+    # once per (cron, zone, fire time) in a batch.
+    walked: dict[tuple[str, str, datetime], tuple[list[datetime], datetime]] = {}
+    versions = _VersionChecks(session, owned)
+    versions.load([(row[5], row[1]) for row in rows])
+    for wf_id, user_id, cron, tz, next_run_at, version_id in rows:
         try:
-            times, following = fire_times_until(cron, tz, next_run_at, now)
+            memo = (cron, tz, next_run_at)
+            if memo not in walked:
+                walked[memo] = fire_times_until(cron, tz, next_run_at, now)
+            times, following = walked[memo]
         except ValidationFailed as exc:
             # A cron or zone that stopped being valid (tzdata change): unschedule it.
             logger.warning("cron_fire_invalid_schedule", workflow_id=str(wf_id), error=str(exc))
@@ -246,16 +246,9 @@ def fire_due(
         if version_id is None:
             fire["reason"] = f"not runnable: published version of workflow {wf_id} not found"
             continue
-        try:
-            validate_definition(definition, owned_credential_ids=owned.get(user_id, set()))
-            plan = plans.get(version_id)
-            if plan is None:
-                plan = plans[version_id] = ExecutionPlan.from_dict(plan_dict)
-        except FlowBuilderError as exc:
-            fire["reason"] = f"not runnable: {exc}"
-            continue
-        except (KeyError, TypeError, ValueError) as exc:
-            fire["reason"] = f"not runnable: stored plan unreadable ({type(exc).__name__})"
+        problem, plan = versions.check(version_id, user_id)
+        if problem is not None:
+            fire["reason"] = problem
             continue
         fire["cost"] = plan.total_credits
 
@@ -296,7 +289,7 @@ def fire_due(
                 .values(count=RateLimitEntry.count - refused)
             )
 
-    # 5. The executions: one multi-row INSERT ... ON CONFLICT DO NOTHING per chunk.
+    # 5. The executions: one INSERT ... ON CONFLICT DO NOTHING for the batch.
     created = utcnow()
     exec_rows = []
     for fire in candidates:
@@ -307,8 +300,8 @@ def fire_due(
                 "user_id": fire["user_id"],
                 "workflow_id": fire["workflow_id"],
                 "workflow_version_id": fire["version_id"],
-                "status": ExecutionStatus.SKIPPED if skipped else ExecutionStatus.PENDING,
-                "trigger": TriggerType.CRON,
+                "status": (ExecutionStatus.SKIPPED if skipped else ExecutionStatus.PENDING).value,
+                "trigger": TriggerType.CRON.value,
                 "error": fire["reason"][:4000] if skipped else None,
                 "credits_consumed": 0,
                 "correlation_id": correlation_for(fire["workflow_id"], fire["scheduled_for"]),
@@ -321,16 +314,7 @@ def fire_due(
                 "skipped_fire_times": fire["missed"] or None,
             }
         )
-    inserted: set[uuid.UUID] = set()
-    for i in range(0, len(exec_rows), _INSERT_CHUNK):
-        chunk = exec_rows[i : i + _INSERT_CHUNK]
-        ins = (
-            upsert(session, WorkflowExecution)
-            .values(chunk)
-            .on_conflict_do_nothing(index_elements=["workflow_id", "scheduled_for"])
-            .returning(WorkflowExecution.id)
-        )
-        inserted.update(session.execute(ins).scalars())
+    inserted = _insert_executions(session, exec_rows)
     outcome.duplicates = len(exec_rows) - len(inserted)
 
     # 6. The planned phases of every new pending execution: one executemany.
@@ -341,7 +325,7 @@ def fire_due(
         if fire["reason"] is not None:
             outcome.skipped += 1
             continue
-        for position, node in enumerate(plans[fire["version_id"]].nodes):
+        for position, node in enumerate(versions.plan(fire["version_id"]).nodes):
             phase_rows.append(
                 {
                     "id": uuid.uuid4(),
@@ -351,15 +335,14 @@ def fire_due(
                     "position": position,
                     "node_id": node.node_id,
                     "node_type": node.node_type,
-                    "status": PhaseStatus.CREATED,
+                    "status": PhaseStatus.CREATED.value,
                     "credits_cost": node.credits,
                     "credits_charged": 0,
                     "attempts": 0,
                 }
             )
         outcome.to_send.append((row["id"], row["correlation_id"]))
-    if phase_rows:
-        session.execute(sa.insert(ExecutionPhase), phase_rows)
+    _insert_phases(session, phase_rows)
 
     # 7. next_run_at and last_run_at: one executemany UPDATE by primary key.
     ran = {row["workflow_id"] for row in exec_rows if row["id"] in inserted and not row["error"]}
@@ -371,18 +354,7 @@ def fire_due(
         }
         for wf_id in (fire["workflow_id"] for fire in candidates)
     ]
-    session.execute(
-        sa.update(Workflow.__table__)
-        .where(Workflow.__table__.c.id == sa.bindparam("wid"))
-        .values(
-            next_run_at=sa.bindparam("next_run_at", type_=Workflow.__table__.c.next_run_at.type),
-            last_run_at=sa.func.coalesce(
-                sa.bindparam("last_run_at", type_=Workflow.__table__.c.last_run_at.type),
-                Workflow.__table__.c.last_run_at,
-            ),
-        ),
-        updates,
-    )
+    _update_workflows(session, updates)
     session.flush()
     logger.info(
         "cron_fired",
@@ -394,26 +366,250 @@ def fire_due(
     return outcome
 
 
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+# A published version is immutable, so what beat derives from it can be kept between
+# ticks: its plan, and whether it validates against a given set of owned credentials (a
+# deleted credential changes the set, so it is checked again). The node registry is fixed
+# for the life of the process. Bounded; a workflow that fires every minute is validated
+# once, not 1,440 times a day.
+_PLANS: _LRU = _LRU(20_000)
+_VALIDITY: _LRU = _LRU(50_000)
+
+
+class _VersionChecks:
+    """The "valid definition" rule of prepare_execution for a batch of versions."""
+
+    def __init__(self, session: Session, owned: dict[uuid.UUID, set[uuid.UUID]]) -> None:
+        self.session = session
+        self.owned = {user: frozenset(ids) for user, ids in owned.items()}
+
+    def _key(self, version_id: uuid.UUID, user_id: uuid.UUID) -> tuple[Any, ...]:
+        return (version_id, self.owned.get(user_id, frozenset()))
+
+    def load(self, pairs: list[tuple[uuid.UUID | None, uuid.UUID]]) -> None:
+        """Validate the versions not validated yet (one statement for all of them)."""
+        from flowbuilder.platform.definitions import validate_definition
+        from flowbuilder.platform.plan import ExecutionPlan
+
+        needed = {
+            v: u for v, u in pairs if v is not None and (self._key(v, u) not in _VALIDITY)
+        }
+        needed_plans = {v for v, _ in pairs if v is not None and v not in _PLANS}
+        ids = list(set(needed) | needed_plans)
+        if not ids:
+            return
+        stmt = sa.select(WorkflowVersion.id, WorkflowVersion.definition, WorkflowVersion.plan)
+        rows = self.session.execute(stmt.where(WorkflowVersion.id.in_(ids))).all()
+        users_of: dict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
+        for v, u in pairs:
+            users_of[v].add(u)
+        for version_id, definition, plan_dict in rows:
+            if version_id not in _PLANS:
+                try:
+                    _PLANS.put(version_id, ExecutionPlan.from_dict(plan_dict))
+                except (KeyError, TypeError, ValueError) as exc:
+                    _PLANS.put(version_id, f"stored plan unreadable ({type(exc).__name__})")
+            for user_id in users_of[version_id]:
+                key = self._key(version_id, user_id)
+                if key in _VALIDITY:
+                    continue
+                try:
+                    validate_definition(definition, owned_credential_ids=key[1])
+                    _VALIDITY.put(key, None)
+                except FlowBuilderError as exc:
+                    _VALIDITY.put(key, str(exc))
+
+    def check(self, version_id: uuid.UUID, user_id: uuid.UUID) -> tuple[str | None, Any]:
+        """(None, plan) when runnable, else (the reason, None)."""
+        problem = _VALIDITY.get(self._key(version_id, user_id))
+        plan = _PLANS.get(version_id)
+        if problem is None and isinstance(plan, str):
+            problem = plan
+        if problem is not None:
+            return f"not runnable: {problem}", None
+        if plan is None:  # evicted between load and check: not in this batch's sizes
+            return "not runnable: published version not found", None
+        return None, plan
+
+    def plan(self, version_id: uuid.UUID) -> Any:
+        return _PLANS[version_id]
+
+
 def _pairs(result: Any) -> dict[Any, Any]:
     """Two-column rows as a dict (a Result has ``keys()``, so ``dict(result)`` misreads it)."""
     return {a: b for a, b in result}
 
 
+# ----------------------------------------------------------------- batch statements
+#
+# On PostgreSQL each batch statement binds one array per column and unnests it: a
+# handful of parameters whatever the batch size, so neither SQLAlchemy nor psycopg has to
+# compile or parse a statement with 16,000 placeholders (that cost more than the database
+# work). Elsewhere (SQLite, the embedded default) a Core executemany.
+
+_EXEC_COLUMNS = {
+    "id": "uuid",
+    "user_id": "uuid",
+    "workflow_id": "uuid",
+    "workflow_version_id": "uuid",
+    "status": "varchar",
+    "trigger": "varchar",
+    "error": "varchar",
+    "credits_consumed": "int",
+    "correlation_id": "varchar",
+    "cancel_requested": "bool",
+    "attempts": "int",
+    "created_at": "timestamptz",
+    "completed_at": "timestamptz",
+    "enqueued_at": "timestamptz",
+    "scheduled_for": "timestamptz",
+    "skipped_fire_times": "jsonb",
+}
+_PHASE_COLUMNS = {
+    "id": "uuid",
+    "execution_id": "uuid",
+    "user_id": "uuid",
+    "number": "int",
+    "position": "int",
+    "node_id": "varchar",
+    "node_type": "varchar",
+    "status": "varchar",
+    "credits_cost": "int",
+    "credits_charged": "int",
+    "attempts": "int",
+}
+
+
+def _unnest_insert(table: str, columns: dict[str, str], suffix: str) -> sa.TextClause:
+    names = ", ".join(f'"{c}"' for c in columns)
+    # jsonb travels as text (a list would be read as a nested array) and is cast back.
+    selected = ", ".join(f'"{c}"::jsonb' if t == "jsonb" else f'"{c}"' for c, t in columns.items())
+    arrays = ", ".join(
+        f"CAST(:{c} AS {'text' if t == 'jsonb' else t}[])" for c, t in columns.items()
+    )
+    return sa.text(
+        f'INSERT INTO "{table}" ({names}) SELECT {selected} '
+        f"FROM unnest({arrays}) AS t({names}) {suffix}"
+    )
+
+
+def _columns(rows: list[dict[str, Any]], columns: dict[str, str]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for name, kind in columns.items():
+        values = [row[name] for row in rows]
+        if kind == "jsonb":
+            values = [None if v is None else json.dumps(v) for v in values]
+        out[name] = values
+    return out
+
+
+def _insert_executions(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+    """Insert, skipping fire times that already have an execution; the inserted ids."""
+    if not rows:
+        return set()
+    connection = session.connection()
+    if is_postgres(session):
+        stmt = _unnest_insert(
+            "workflow_execution",
+            _EXEC_COLUMNS,
+            "ON CONFLICT (workflow_id, scheduled_for) DO NOTHING RETURNING id",
+        )
+        return set(connection.execute(stmt, _columns(rows, _EXEC_COLUMNS)).scalars())
+    stmt = (
+        upsert(session, WorkflowExecution.__table__)
+        .on_conflict_do_nothing(index_elements=["workflow_id", "scheduled_for"])
+        .returning(WorkflowExecution.__table__.c.id)
+    )
+    return set(connection.execute(stmt, rows).scalars())
+
+
+def _insert_phases(session: Session, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    connection = session.connection()
+    if is_postgres(session):
+        stmt = _unnest_insert("execution_phase", _PHASE_COLUMNS, "")
+        connection.execute(stmt, _columns(rows, _PHASE_COLUMNS))
+    else:
+        connection.execute(ExecutionPhase.__table__.insert(), rows)
+
+
+def _update_workflows(session: Session, updates: list[dict[str, Any]]) -> None:
+    """next_run_at for each workflow; last_run_at where given (kept where None)."""
+    if not updates:
+        return
+    connection = session.connection()
+    if is_postgres(session):
+        connection.execute(
+            sa.text(
+                "UPDATE workflow AS w SET next_run_at = v.next_run_at, "
+                "last_run_at = COALESCE(v.last_run_at, w.last_run_at) "
+                "FROM unnest(CAST(:wid AS uuid[]), CAST(:next_run_at AS timestamptz[]), "
+                "CAST(:last_run_at AS timestamptz[])) AS v(id, next_run_at, last_run_at) "
+                "WHERE w.id = v.id"
+            ),
+            {k: [u[k] for u in updates] for k in ("wid", "next_run_at", "last_run_at")},
+        )
+        return
+    table = Workflow.__table__
+    connection.execute(
+        sa.update(table)
+        .where(table.c.id == sa.bindparam("wid"))
+        .values(
+            next_run_at=sa.bindparam("next_run_at", type_=table.c.next_run_at.type),
+            last_run_at=sa.func.coalesce(
+                sa.bindparam("last_run_at", type_=table.c.last_run_at.type), table.c.last_run_at
+            ),
+        ),
+        updates,
+    )
+
+
 def _hit_many(session: Session, hits: dict[str, int], start: datetime) -> dict[str, int]:
-    """Add ``hits[key]`` to each key's counter of the window; the counts after, by key."""
+    """Add ``hits[key]`` to each key's counter of the window; the counts after, by key.
+
+    Keys in a fixed order, so two schedulers never deadlock on the counter rows.
+    """
     if not hits:
         return {}
-    stmt = upsert(session, RateLimitEntry).values(
-        [
-            {"id": uuid.uuid4(), "key": key, "window_start": start, "count": n}
-            for key, n in sorted(hits.items())  # a fixed order: no deadlock between beats
-        ]
-    )
+    keys = sorted(hits)
+    connection = session.connection()
+    if is_postgres(session):
+        stmt = sa.text(
+            "INSERT INTO rate_limit_entry (id, key, window_start, count) "
+            "SELECT id, key, CAST(:start AS timestamptz), count "
+            "FROM unnest(CAST(:ids AS uuid[]), CAST(:keys AS varchar[]), CAST(:counts AS int[])) "
+            "AS t(id, key, count) "
+            "ON CONFLICT (key, window_start) "
+            "DO UPDATE SET count = rate_limit_entry.count + excluded.count "
+            "RETURNING key, count"
+        )
+        params = {
+            "start": start,
+            "ids": [uuid.uuid4() for _ in keys],
+            "keys": keys,
+            "counts": [hits[k] for k in keys],
+        }
+        return _pairs(connection.execute(stmt, params))
+    table = RateLimitEntry.__table__
+    stmt = upsert(session, table)
     stmt = stmt.on_conflict_do_update(
         index_elements=["key", "window_start"],
-        set_={"count": RateLimitEntry.count + stmt.excluded["count"]},
-    ).returning(RateLimitEntry.key, RateLimitEntry.count)
-    return _pairs(session.execute(stmt))
+        set_={"count": table.c.count + stmt.excluded["count"]},
+    ).returning(table.c.key, table.c.count)
+    rows = [{"id": uuid.uuid4(), "key": k, "window_start": start, "count": hits[k]} for k in keys]
+    return _pairs(connection.execute(stmt, rows))
 
 
 def scheduled_next_runs(
