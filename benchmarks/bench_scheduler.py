@@ -578,9 +578,7 @@ def run(quick: bool = False, sqs_latency_ms: float = 15.0) -> dict[str, Any]:
     latency = sqs_latency_ms / 1000
     results["projection_real_sqs"] = {
         "per_request_latency_ms": sqs_latency_ms,
-        "ours_seconds": round(
-            ours["own_seconds"] + -(-ours["sqs_requests"] // width) * latency, 3
-        ),
+        "ours_seconds": round(ours["own_seconds"] + -(-ours["sqs_requests"] // width) * latency, 3),
         "ours_sequential_seconds": round(ours["own_seconds"] + ours["sqs_requests"] * latency, 3),
         "bare_redbeat_seconds": round(bare["own_seconds"] + bare["sqs_requests"] * latency, 3),
         "concurrency": width,

@@ -402,9 +402,7 @@ class _VersionChecks:
         from flowbuilder.platform.definitions import validate_definition
         from flowbuilder.platform.plan import ExecutionPlan
 
-        needed = {
-            v: u for v, u in pairs if v is not None and (self._key(v, u) not in _VALIDITY)
-        }
+        needed = {v: u for v, u in pairs if v is not None and (self._key(v, u) not in _VALIDITY)}
         needed_plans = {v for v, _ in pairs if v is not None and v not in _PLANS}
         ids = list(set(needed) | needed_plans)
         if not ids:

@@ -32,9 +32,7 @@ def _at(*args: int) -> datetime:
 
 
 def _cron_workflow(session: Session, user: Any, cron: str = "*/5 * * * *", **kw: Any) -> Workflow:
-    wf = make_workflow(
-        session, user, definition=json_definition(2), publish=True, cron=cron, **kw
-    )
+    wf = make_workflow(session, user, definition=json_definition(2), publish=True, cron=cron, **kw)
     return wf
 
 

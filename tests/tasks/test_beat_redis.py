@@ -1,5 +1,6 @@
-"""celery beat (the app's RedBeat-based scheduler) on the real Redis at 127.0.0.1:6379 drives the sweep: an
-execution whose task message was lost is re-sent and run by a real worker."""
+"""celery beat (the app's RedBeat-based scheduler) on the real Redis at 127.0.0.1:6379
+drives the sweep: an execution whose task message was lost is re-sent and run by a real
+worker."""
 
 from __future__ import annotations
 
