@@ -128,6 +128,18 @@ def _moto() -> Iterator[str]:
         proc.wait(10)
 
 
+def _fresh_queues(moto_url: str, *settings_list: Any) -> None:
+    """Empty queues for the next measurement: moto's cost per request grows with the
+    queue's depth (and it allows one PurgeQueue a minute), so state is reset and the
+    queues are created again under the same names (and URLs)."""
+    from flowbuilder.tasks.app import ensure_execution_queues
+
+    request = urllib.request.Request(moto_url + "/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=30).read()
+    for settings in settings_list:
+        ensure_execution_queues(settings)
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -301,6 +313,7 @@ def _ours(
         firer.reconcile()
         firer.warm_up()
         for label in ("cold", "warm"):
+            _fresh_queues(settings.SQS_ENDPOINT_URL, settings)
             if label == "warm":
                 fire = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
                 key = cron_schedule.schedule_key(settings)
@@ -353,6 +366,7 @@ def _bare_redbeat(
     scheduler.apply_async = apply_async  # type: ignore[method-assign]
     # Warm the producer (SQS channel) before the fire, as for ours.
     app.send_task("flowbuilder.noop_warm_up", producer=scheduler.producer)
+    _fresh_queues(settings.SQS_ENDPOINT_URL, settings)
     _sleep_until(fire)
     timer.reset()
     started = time.perf_counter()
@@ -383,6 +397,7 @@ def _two_schedulers(
     from flowbuilder.platform import cron_schedule
     from flowbuilder.tasks.app import app
 
+    _fresh_queues(settings.SQS_ENDPOINT_URL, settings)
     fire = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
     _make_due(engine, client, cron_schedule.schedule_key(settings), ids, fire)
     firers = [CronFirer(app, settings=settings) for _ in range(2)]
@@ -430,8 +445,7 @@ def _memory(
     workdir: Path,
 ) -> dict[str, Any]:
     """RSS of a real beat process over ``rounds`` rounds of len(ids) fires."""
-    from flowbuilder.platform import cron_schedule, sqs
-    from flowbuilder.tasks.app import EXECUTIONS_QUEUE, queue_name
+    from flowbuilder.platform import cron_schedule
 
     env = dict(os.environ)
     env.update(
@@ -454,10 +468,6 @@ def _memory(
         env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     key = cron_schedule.schedule_key(settings)
-    sqs_client = sqs.get_sqs_client(settings)
-    queue_url = sqs_client.get_queue_url(QueueName=queue_name(settings, EXECUTIONS_QUEUE))[
-        "QueueUrl"
-    ]
     samples: list[int] = []
     try:
         deadline = time.monotonic() + 60
@@ -466,9 +476,7 @@ def _memory(
                 raise RuntimeError("beat did not start")
             time.sleep(0.2)
         for _ in range(rounds):
-            # Keep moto's depth (and cost) down; it allows one purge a minute.
-            with contextlib.suppress(sqs_client.exceptions.PurgeQueueInProgress):
-                sqs_client.purge_queue(QueueUrl=queue_url)
+            _fresh_queues(settings.SQS_ENDPOINT_URL, settings)
             fire = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
             _make_due(engine, client, key, ids, fire)
             deadline = time.monotonic() + 120

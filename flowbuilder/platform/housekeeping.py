@@ -19,8 +19,7 @@ import sqlalchemy as sa
 import structlog
 from sqlmodel import Session
 
-from flowbuilder.platform.crud import rate_limit_crud
-from flowbuilder.platform.models import ExecutionLog, GuestSession, utcnow
+from flowbuilder.platform.models import ExecutionLog, GuestSession, RateLimitEntry, utcnow
 from flowbuilder.platform.settings import Settings, get_settings
 
 logger = structlog.get_logger(__name__)
@@ -52,8 +51,10 @@ def run_housekeeping(
     )
     # A window is over once the next one has started; one spare window for clock skew.
     window = settings.RATE_LIMIT_WINDOW_SECONDS
-    report.rate_limit_entries = rate_limit_crud.purge_expired(
-        session=session, before=now - timedelta(seconds=2 * window)
+    report.rate_limit_entries = _delete_bounded(
+        session,
+        RateLimitEntry.__table__,
+        RateLimitEntry.__table__.c.window_start < now - timedelta(seconds=2 * window),
     )
     if settings.EXECUTION_LOG_RETENTION_DAYS > 0:
         cutoff = now - timedelta(days=settings.EXECUTION_LOG_RETENTION_DAYS)

@@ -50,7 +50,6 @@ from flowbuilder.platform.errors import (
     FlowBuilderError,
     InsufficientCredits,
     RateLimited,
-    ValidationFailed,
 )
 from flowbuilder.platform.models import (
     Credential,
@@ -218,10 +217,16 @@ def fire_due(
             if memo not in walked:
                 walked[memo] = fire_times_until(cron, tz, next_run_at, now)
             times, following = walked[memo]
-        except ValidationFailed as exc:
-            # A cron or zone that stopped being valid (tzdata change): unschedule it.
-            logger.warning("cron_fire_invalid_schedule", workflow_id=str(wf_id), error=str(exc))
+            bad_schedule = None
+        except Exception as exc:  # noqa: BLE001 - one workflow must never block the batch
+            # A cron or zone that stopped being valid (tzdata change, a row edited by
+            # hand): this fire is recorded as skipped and the workflow unscheduled until
+            # its owner fixes the schedule (which reschedules it).
+            logger.warning(
+                "cron_fire_invalid_schedule", workflow_id=str(wf_id), error=type(exc).__name__
+            )
             times, following = [next_run_at], None
+            bad_schedule = f"not runnable: schedule {cron!r} in {tz!r} is invalid ({exc})"
         fire_time = times[-1]
         outcome.next_runs[wf_id] = following
         if outcome.earliest_fire is None or times[0] < outcome.earliest_fire:
@@ -236,6 +241,9 @@ def fire_due(
             "cost": 0,
         }
         candidates.append(fire)
+        if bad_schedule is not None:
+            fire["reason"] = bad_schedule[:1000]
+            continue
         late = now - fire_time > grace
         if late and policy == "skip":
             fire["reason"] = (

@@ -362,3 +362,25 @@ def test_scheduled_for_is_unique_per_workflow_but_manual_runs_are_free(
     session.flush()  # NULL scheduled_for never collides
     session.rollback()
     assert uuid.UUID(str(wf.id))
+
+
+def test_a_broken_schedule_is_skipped_without_blocking_the_batch(session: Session) -> None:
+    user = make_user(session, credits=100)
+    broken = _cron_workflow(session, user)
+    fine = _cron_workflow(session, user)
+    for wf in (broken, fine):
+        _set_next(session, wf, _at(2026, 11, 26, 10, 5))
+    session.commit()
+    # A zone that no longer exists (edited by hand, or gone from tzdata).
+    session.execute(
+        sa.update(Workflow).where(Workflow.id == broken.id).values(timezone="Mars/Olympus")
+    )
+    session.commit()
+    outcome = fire_due(session=session, now=_at(2026, 11, 26, 10, 5, 1))
+    session.commit()
+    assert outcome.fired == 1 and outcome.skipped == 1
+    [skipped] = _executions(session, broken)
+    assert skipped.status == ExecutionStatus.SKIPPED
+    assert "Mars/Olympus" in skipped.error
+    assert outcome.next_runs[broken.id] is None  # unscheduled until its owner fixes it
+    assert _executions(session, fine)[0].status == ExecutionStatus.PENDING
