@@ -448,7 +448,8 @@ def _memory(
     workdir: Path,
 ) -> dict[str, Any]:
     """RSS of a real beat process over ``rounds`` rounds of len(ids) fires."""
-    from flowbuilder.platform import cron_schedule
+    from flowbuilder.platform import cron_schedule, sqs
+    from flowbuilder.tasks.app import EXECUTIONS_QUEUE, ensure_execution_queues, queue_name
 
     env = dict(os.environ)
     env.update(
@@ -471,6 +472,8 @@ def _memory(
         env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     key = cron_schedule.schedule_key(settings)
+    sqs_client = sqs.get_sqs_client(settings)
+    queue_url = ensure_execution_queues(settings)[queue_name(settings, EXECUTIONS_QUEUE)]
     samples: list[int] = []
     try:
         deadline = time.monotonic() + 60
@@ -479,7 +482,10 @@ def _memory(
                 raise RuntimeError("beat did not start")
             time.sleep(0.2)
         for _ in range(rounds):
-            _fresh_queues(settings.SQS_ENDPOINT_URL, settings)
+            # A fresh executions queue each round (moto slows down with depth and
+            # allows one purge a minute): delete it and create it again, same name.
+            sqs_client.delete_queue(QueueUrl=queue_url)
+            queue_url = ensure_execution_queues(settings)[queue_name(settings, EXECUTIONS_QUEUE)]
             fire = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
             _make_due(engine, client, key, ids, fire)
             deadline = time.monotonic() + 120
@@ -494,6 +500,9 @@ def _memory(
                 time.sleep(0.5)
             time.sleep(1.5)  # the sends and the Redis update after the commit
             samples.append(_rss_kib(proc.pid))
+            print(
+                f"memory round {len(samples)}: {done} fires, rss {samples[-1]} KiB", file=sys.stderr
+            )
         ticks = [
             json.loads(line)
             for line in (workdir / "beat.log").read_text(errors="replace").splitlines()
