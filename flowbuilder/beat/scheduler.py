@@ -9,8 +9,9 @@ in the app's configuration). Each tick, holding RedBeat's lock:
    (start-up, every BEAT_RECONCILE_INTERVAL_SECONDS, or the schedule key is missing after
    a Redis restart); take the due workflow ids from the Redis sorted set (one command);
    record their executions in one transaction (:func:`flowbuilder.platform.scheduling.
-   fire_due`); after the commit, send them with SendMessageBatch in parallel; write the
-   new next fire times back to Redis.
+   fire_due`); after the commit, write the new next fire times to Redis (only where an
+   entry still holds the score this batch read: a workflow edited meanwhile keeps what
+   its edit wrote), then send with SendMessageBatch in parallel.
 3. Sleep until the earliest next fire time (at most the loop interval).
 
 Why not one RedBeat entry per workflow: RedBeat loads every due entry from its own hash
@@ -106,16 +107,21 @@ class CronFirer:
         while True:
             started = time.perf_counter()
             at = now or utcnow()
-            ids = cron_schedule.due(at, batch, client=self.client, settings=self.settings)
-            if not ids:
+            scores = cron_schedule.due(at, batch, client=self.client, settings=self.settings)
+            if not scores:
                 break
+            ids = list(scores)
             with unit_of_work() as session:
                 outcome: FireOutcome = fire_due(
                     session=session, now=at, workflow_ids=ids, settings=self.settings
                 )
+            # Before the sends (seconds on a slow endpoint), and only where the entry is
+            # unchanged: a workflow edited meanwhile keeps the schedule its edit wrote.
+            cron_schedule.apply_if_unchanged(
+                outcome.next_runs, scores, client=self.client, settings=self.settings
+            )
             report: SendReport = self.sender.send(outcome.to_send)
             self.last_reports.append(report)
-            cron_schedule.apply(outcome.next_runs, client=self.client, settings=self.settings)
             elapsed = time.perf_counter() - started
             stats = TickStats(
                 fired=outcome.fired,

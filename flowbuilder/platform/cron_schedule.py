@@ -84,17 +84,60 @@ def apply(
 
 def due(
     now: datetime, limit: int, *, client: redis.Redis, settings: Settings | None = None
-) -> list[uuid.UUID]:
-    """Up to ``limit`` workflow ids whose fire time has come, oldest first."""
-    members = client.zrangebyscore(schedule_key(settings), "-inf", _score(now), 0, limit)
-    out = []
-    for member in members:
+) -> dict[uuid.UUID, float]:
+    """Up to ``limit`` workflows whose fire time has come, oldest first, with their score
+    (for :func:`apply_if_unchanged`)."""
+    members = client.zrangebyscore(
+        schedule_key(settings), "-inf", _score(now), 0, limit, withscores=True
+    )
+    out: dict[uuid.UUID, float] = {}
+    for member, score in members:
         try:
-            out.append(uuid.UUID(member))
+            out[uuid.UUID(member)] = score
         except ValueError:
             # Not ours (hand-written junk): drop it rather than trip on it every tick.
             client.zrem(schedule_key(settings), member)
     return out
+
+
+# Compare-and-set per member: a fire writes a workflow's next fire time only if its entry
+# still holds the score the fire read. A workflow changed (or deleted) while the batch was
+# being recorded keeps what its change wrote after its own commit.
+_APPLY_IF_UNCHANGED = """
+local changed = 0
+for i = 1, #ARGV, 3 do
+  local current = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if current and math.abs(tonumber(current) - tonumber(ARGV[i + 1])) < 0.001 then
+    if ARGV[i + 2] == '' then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+    end
+    changed = changed + 1
+  end
+end
+return changed
+"""
+
+
+def apply_if_unchanged(
+    next_runs: dict[uuid.UUID, datetime | None],
+    expected: dict[uuid.UUID, float],
+    *,
+    client: redis.Redis,
+    settings: Settings | None = None,
+) -> int:
+    """Like :func:`apply`, for entries whose score is still ``expected[id]``; how many
+    were written. One round trip per 1,000 entries."""
+    items = [(wid, at) for wid, at in next_runs.items() if wid in expected]
+    key = schedule_key(settings)
+    changed = 0
+    for i in range(0, len(items), 1000):
+        args: list[Any] = []
+        for wid, at in items[i : i + 1000]:
+            args += [str(wid), repr(expected[wid]), "" if at is None else repr(_score(at))]
+        changed += int(client.eval(_APPLY_IF_UNCHANGED, 1, key, *args))
+    return changed
 
 
 def next_fire(*, client: redis.Redis, settings: Settings | None = None) -> datetime | None:

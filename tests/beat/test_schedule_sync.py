@@ -119,3 +119,25 @@ def test_reconcile_restores_a_wiped_schedule_and_removes_stale_entries(
     assert str(draft.id) not in _entries(client, prefix)
     # A second run finds nothing to do.
     assert cron_schedule.reconcile(session=session).changed == 0
+
+
+def test_a_fire_does_not_overwrite_an_entry_changed_meanwhile(
+    beat_settings: Any, redis_prefix: tuple[str, redis.Redis]
+) -> None:
+    from datetime import UTC, datetime
+
+    prefix, client = redis_prefix
+    key = f"{prefix}flowbuilder:cron"
+    edited, untouched, deleted = (uuid.uuid4() for _ in range(3))
+    client.zadd(key, {str(edited): 100.0, str(untouched): 100.0, str(deleted): 100.0})
+    read = cron_schedule.due(datetime.fromtimestamp(150, UTC), 10, client=client)
+    assert read == {edited: 100.0, untouched: 100.0, deleted: 100.0}
+    # While the batch is recorded: one workflow is edited, another deleted.
+    client.zadd(key, {str(edited): 500.0})
+    client.zrem(key, str(deleted))
+    later = datetime.fromtimestamp(200, UTC)
+    changed = cron_schedule.apply_if_unchanged(
+        {edited: later, untouched: later, deleted: later}, read, client=client
+    )
+    assert changed == 1
+    assert _entries(client, prefix) == {str(edited): 500.0, str(untouched): 200.0}
