@@ -62,6 +62,7 @@ cli.add_typer(sqs_cli, name="sqs")
 cli.add_typer(secrets_cli, name="secrets")
 cli.add_typer(executions_cli, name="executions")
 cli.add_typer(credits_cli, name="credits")
+cli.add_typer(__import__("flowbuilder.beat.cli", fromlist=["beat_app"]).beat_app, name="beat")
 
 
 def _version(value: bool) -> None:
@@ -835,9 +836,17 @@ def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run."
         workflow = workflow_crud.create_workflow(
             session=session,
             user_id=user.id,
-            data=WorkflowCreate(name=f"demo-{uuid.uuid4().hex[:8]}", definition=DEMO_DEFINITION),
+            data=WorkflowCreate(
+                name=f"demo-{uuid.uuid4().hex[:8]}",
+                definition=DEMO_DEFINITION,
+                cron="0 9 * * 1-5",
+                timezone="Europe/Paris",
+            ),
         )
         workflow_crud.publish_workflow(session=session, workflow_id=workflow.id, user_id=user.id)
+    from flowbuilder.beat.cli import schedule_lines
+
+    typer.echo("\n".join(schedule_lines(workflow.id)))
     with unit_of_work() as session:
         execution = enqueue_execution(
             session, workflow.id, user.id, correlation_id=f"demo-{uuid.uuid4().hex[:8]}"

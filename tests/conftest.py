@@ -23,6 +23,9 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["SECRET_ENCRYPTION_PASSWORD"] = "test-encryption-password-4f1c"
 os.environ["SECRET_ENCRYPTION_SALT"] = "test-encryption-salt-9b2e"
 os.environ.setdefault("LOG_JSON", "true")
+# Workflow changes would update beat's cron schedule in the shared Redis (db 0, prefix
+# "redbeat:"); tests/beat turns it on with a key prefix of its own.
+os.environ.setdefault("BEAT_SYNC_ON_CHANGE", "false")
 
 from flowbuilder.platform import db, models  # noqa: E402,F401
 from flowbuilder.platform.settings import override_settings  # noqa: E402

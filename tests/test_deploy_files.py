@@ -95,7 +95,10 @@ def _check_celery_command(argv: list[str]) -> Celery:
     assert isinstance(app, Celery)
     assert app.main == "flowbuilder"
     if "beat" in argv:
-        scheduler = symbol_by_name(_option(argv, "-S", "--scheduler"))
+        # No -S: the app's beat_scheduler (RedBeat + cron workflows) is used; a -S would
+        # replace it and no user's cron workflow would ever run.
+        assert "-S" not in argv and not any(a.startswith("--scheduler") for a in argv), argv
+        scheduler = symbol_by_name(app.conf.beat_scheduler)
         assert issubclass(scheduler, Scheduler)
     return app
 
@@ -132,7 +135,7 @@ def test_compose_commands(services: dict[str, Any]) -> None:
     assert "--hostname=worker@%h" in worker
     beat = _argv(services["beat"]["command"])
     assert beat[:4] == ["celery", "-A", "flowbuilder.tasks", "beat"]
-    assert _option(beat, "-S", "--scheduler") == "redbeat.RedBeatScheduler"
+    assert "-S" not in beat and not any(a.startswith("--scheduler") for a in beat)
     flower = _argv(services["flower"]["command"])
     assert flower[:4] == ["celery", "-A", "flowbuilder.tasks", "flower"]
     assert _option(flower, "-p", "--port") == "5555"
@@ -298,7 +301,7 @@ def test_procfile_processes() -> None:
     assert processes == {
         "release": "flowbuilder db upgrade && flowbuilder sqs ensure-queues",
         "worker": "celery -A flowbuilder.tasks worker --loglevel=INFO --hostname=worker@%h",
-        "beat": "celery -A flowbuilder.tasks beat -S redbeat.RedBeatScheduler --loglevel=INFO",
+        "beat": "celery -A flowbuilder.tasks beat --loglevel=INFO",
         "flower": "celery -A flowbuilder.tasks flower --port=$PORT",
     }
 
@@ -337,9 +340,14 @@ def test_dependencies() -> None:
 def test_redbeat_scheduler_imports() -> None:
     from redbeat import RedBeatScheduler
 
-    assert symbol_by_name("redbeat.RedBeatScheduler") is RedBeatScheduler
-    assert issubclass(RedBeatScheduler, Scheduler)
-    assert find_app("flowbuilder.tasks").conf.redbeat_redis_url
+    from flowbuilder.beat.scheduler import FlowBuilderScheduler
+
+    conf = find_app("flowbuilder.tasks").conf
+    assert symbol_by_name(conf.beat_scheduler) is FlowBuilderScheduler
+    assert issubclass(FlowBuilderScheduler, RedBeatScheduler)
+    assert conf.redbeat_redis_url and conf.redbeat_redis_options
+    # Not RedBeat's 1,500 s default: a standby beat takes over within seconds.
+    assert conf.redbeat_lock_timeout == 30 and conf.beat_max_loop_interval == 5
 
 
 def _release_steps() -> list[list[str]]:

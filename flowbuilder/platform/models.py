@@ -121,6 +121,9 @@ class ExecutionStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A cron fire that could not run (no credits, invalid definition, rate limited,
+    # missed while beat was down): recorded so the user sees it, never run.
+    SKIPPED = "skipped"
 
     @property
     def is_terminal(self) -> bool:
@@ -128,7 +131,12 @@ class ExecutionStatus(enum.StrEnum):
 
 
 TERMINAL_EXECUTION_STATUSES = frozenset(
-    {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+    {
+        ExecutionStatus.COMPLETED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.CANCELLED,
+        ExecutionStatus.SKIPPED,
+    }
 )
 
 
@@ -335,6 +343,10 @@ class WorkflowExecution(SQLModel, table=True):
         sa.Index("ix_workflow_execution_workflow", "workflow_id"),
         # the sweep: what is due for a re-send, oldest first (a bounded range scan).
         sa.Index("ix_workflow_execution_status_resend", "status", "resend_after"),
+        # Exactly once per cron fire: one execution per workflow and scheduled fire time,
+        # whichever beat (or retry) inserts it first. Manual runs have NULL here, and
+        # NULLs never collide.
+        sa.UniqueConstraint("workflow_id", "scheduled_for"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -364,6 +376,10 @@ class WorkflowExecution(SQLModel, table=True):
     # enqueue (SWEEP_PENDING_AFTER_SECONDS later) and pushed a visibility window further
     # by each re-send, so a run is re-sent at most once per window, whatever the backlog.
     resend_after: datetime | None = _ts()
+    # Cron runs: the fire time this execution stands for (UTC), and the earlier fire
+    # times that were missed and folded into it (ISO strings, capped), see beat.
+    scheduled_for: datetime | None = _ts()
+    skipped_fire_times: list[str] | None = _json()
 
 
 class ExecutionRead(SQLModel):
@@ -379,6 +395,8 @@ class ExecutionRead(SQLModel):
     started_at: datetime | None
     completed_at: datetime | None
     duration_ms: int | None
+    scheduled_for: datetime | None = None
+    skipped_fire_times: list[str] | None = None
 
 
 class ExecutionPhase(SQLModel, table=True):

@@ -17,7 +17,7 @@ import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -101,6 +101,32 @@ class Settings(BaseSettings):
     # Prefix of every Redis key and pub/sub channel of the monitoring channel, so that it
     # never meets RedBeat's keys or another deployment sharing the Redis server.
     MONITOR_KEY_PREFIX: str = Field(default="flowbuilder-monitor:", min_length=1, max_length=100)
+
+    # --- beat (cron workflows) -------------------------------------------------------
+    # Beat's Redis lock lives this long unless the active beat renews it (every tick, at
+    # most every BEAT_MAX_LOOP_INTERVAL_SECONDS). A standby beat takes over at most
+    # BEAT_LOCK_TIMEOUT_SECONDS + BEAT_MAX_LOOP_INTERVAL_SECONDS after the active one dies.
+    BEAT_LOCK_TIMEOUT_SECONDS: int = Field(default=30, ge=5, le=3600)
+    BEAT_MAX_LOOP_INTERVAL_SECONDS: float = Field(default=5, gt=0, le=300)
+    # Cron fires handled per database transaction (and per tick of the loop).
+    BEAT_FIRE_BATCH_SIZE: int = Field(default=1000, ge=1, le=10000)
+    # run_once: after beat was down, run a missed workflow once and record the fire times
+    # it missed. skip: record the missed fires as a skipped run, wait for the next one.
+    BEAT_MISSED_FIRE_POLICY: Literal["run_once", "skip"] = "run_once"
+    # A fire at most this late is on time, not missed.
+    BEAT_MISFIRE_GRACE_SECONDS: float = Field(default=60, ge=0)
+    # Full comparison of the Redis schedule with the database (also at start-up, and
+    # whenever the schedule key is missing, e.g. after a Redis restart).
+    BEAT_RECONCILE_INTERVAL_SECONDS: float = Field(default=300, gt=0)
+    # Concurrent SendMessageBatch requests (10 messages each) when a batch fires.
+    BEAT_SQS_CONCURRENCY: int = Field(default=8, ge=1, le=64)
+    # Update the Redis schedule right after a workflow change commits (publish, cron or
+    # time zone change, unpublish, delete). Off: only the reconciliation updates it.
+    BEAT_SYNC_ON_CHANGE: bool = True
+    # Housekeeping on beat: how often; and execution logs older than this many days are
+    # deleted (0: never, the default).
+    HOUSEKEEPING_INTERVAL_SECONDS: float = Field(default=3600, gt=0)
+    EXECUTION_LOG_RETENTION_DAYS: int = Field(default=0, ge=0)
 
     # --- execution ----------------------------------------------------------------
     EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)
@@ -246,6 +272,15 @@ class Settings(BaseSettings):
         if db and not db.isdigit():
             raise ValueError("must end with a database number, such as /0")
         return value
+
+    @model_validator(mode="after")
+    def _beat_lock_outlives_ticks(self) -> Settings:
+        # The lock is renewed once per tick; it must survive a slow tick or two.
+        if self.BEAT_LOCK_TIMEOUT_SECONDS < 3 * self.BEAT_MAX_LOOP_INTERVAL_SECONDS:
+            raise ValueError(
+                "BEAT_LOCK_TIMEOUT_SECONDS must be at least 3 x BEAT_MAX_LOOP_INTERVAL_SECONDS"
+            )
+        return self
 
     @model_validator(mode="after")
     def _visibility_above_execution(self) -> Settings:

@@ -160,12 +160,34 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "sweep-stale-executions": {
                 "task": "flowbuilder.sweep_stale_executions",
                 "schedule": max(1.0, settings.SWEEP_PENDING_AFTER_SECONDS / 2),
-            }
+            },
+            "housekeeping": {
+                "task": "flowbuilder.housekeeping",
+                "schedule": settings.HOUSEKEEPING_INTERVAL_SECONDS,
+            },
         },
-        # Beat: RedBeat keeps the schedule and its lock in Redis, so a second beat process
-        # waits on the lock instead of sending every task twice.
+        # The housekeeping task's module, so workers know it (beat only sends its name).
+        "imports": ["flowbuilder.tasks.housekeeping"],
+        # Beat: `celery -A flowbuilder.tasks beat` needs no -S. Our scheduler is RedBeat
+        # (schedule and lock in Redis: a second beat waits on the lock instead of sending
+        # every task twice) plus users' cron workflows fired in batches.
+        "beat_scheduler": "flowbuilder.beat.scheduler:FlowBuilderScheduler",
+        # Its own Redis URL and options, never inherited from the SQS broker's options.
         "redbeat_redis_url": settings.REDIS_URL,
+        "redbeat_redis_options": {
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 30,
+            # RedBeat retries Redis calls this long before beat gives up.
+            "retry_period": 10,
+        },
         "redbeat_key_prefix": settings.REDBEAT_KEY_PREFIX,
+        # The lock is renewed every tick (at most beat_max_loop_interval apart); a standby
+        # beat polls for it every beat_max_loop_interval. So a standby takes over at most
+        # lock timeout + loop interval after the active beat dies: 35 s by default, not
+        # RedBeat's 25 minutes. Shorter would risk a slow tick losing the lock.
+        "redbeat_lock_timeout": settings.BEAT_LOCK_TIMEOUT_SECONDS,
+        "beat_max_loop_interval": settings.BEAT_MAX_LOOP_INTERVAL_SECONDS,
         # No result backend, so nothing for celery.backend_cleanup to clean.
         "result_expires": None,
         "timezone": "UTC",

@@ -176,6 +176,10 @@ def send_after_commit(
 
 @event.listens_for(OrmSession, "after_commit")
 def _send_pending(session: OrmSession) -> None:
+    if session.in_nested_transaction():
+        # SQLAlchemy emits after_commit when a SAVEPOINT is released too; only the outer
+        # commit makes the execution visible to a worker.
+        return
     for execution_id, correlation_id in session.info.pop(_PENDING_SENDS, []):
         try:
             send_execution(execution_id, correlation_id)

@@ -1,5 +1,6 @@
-"""celery beat with RedBeat on the real Redis at 127.0.0.1:6379 drives the sweep: an
-execution whose task message was lost is re-sent and run by a real worker."""
+"""celery beat (the app's RedBeat-based scheduler) on the real Redis at 127.0.0.1:6379
+drives the sweep: an execution whose task message was lost is re-sent and run by a real
+worker."""
 
 from __future__ import annotations
 
@@ -59,9 +60,7 @@ def test_beat_on_redis_sweeps_a_lost_execution(
             "celery",
             "-A",
             "flowbuilder.tasks",
-            "beat",
-            "-S",
-            "redbeat.RedBeatScheduler",
+            "beat",  # no -S: the app's scheduler (RedBeat + cron workflows)
             "--loglevel=INFO",
             f"--pidfile={tmp_path / 'beat.pid'}",
         ],

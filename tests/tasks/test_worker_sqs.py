@@ -344,6 +344,29 @@ def test_rolled_back_enqueue_sends_nothing(worker_settings: Any, pg_session: Ses
     assert pg_session.exec(select(WorkflowExecution)).all() == []
 
 
+def test_enqueue_in_a_savepoint_sends_only_at_the_outer_commit(
+    worker_settings: Any, pg_session: Session
+) -> None:
+    """Releasing a SAVEPOINT fires SQLAlchemy's after_commit too; the send must still wait
+    for the outer commit (a worker must never get an id whose row it cannot see)."""
+    from flowbuilder.tasks import execution as tasks_execution
+
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    calls: list[Any] = []
+    original = tasks_execution.send_execution
+    tasks_execution.send_execution = lambda *a, **k: calls.append(a)
+    try:
+        with pg_session.begin_nested():
+            execution = enqueue_execution(pg_session, wf.id, user.id)
+        assert calls == []  # the savepoint is released, the transaction still open
+        pg_session.commit()
+    finally:
+        tasks_execution.send_execution = original
+    assert [c[0] for c in calls] == [execution.id]
+
+
 def test_redrive_policy_moves_a_poison_message_to_the_dead_letter_queue(
     worker_settings: Any,
 ) -> None:

@@ -28,6 +28,7 @@ _ALLOWED: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
     ExecutionStatus.COMPLETED: frozenset(),
     ExecutionStatus.FAILED: frozenset(),
     ExecutionStatus.CANCELLED: frozenset(),
+    ExecutionStatus.SKIPPED: frozenset(),
 }
 
 

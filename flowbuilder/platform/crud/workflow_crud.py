@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from flowbuilder.platform import cron_schedule
 from flowbuilder.platform.cron import check_schedule, get_next_run_date
 from flowbuilder.platform.crud._sql import conflict_on_duplicate
 from flowbuilder.platform.errors import Conflict, NotFound, ValidationFailed
@@ -96,12 +97,18 @@ def list_workflows_for_user(
 
 
 def _reschedule(workflow: Workflow, now: datetime | None = None) -> None:
+    before = workflow.next_run_at
     if workflow.status == WorkflowStatus.PUBLISHED and workflow.cron:
         workflow.next_run_at = get_next_run_date(
             workflow.cron, timezone=workflow.timezone, after=now or utcnow()
         )
     else:
         workflow.next_run_at = None
+    if before is not None or workflow.next_run_at is not None:
+        # beat's Redis schedule follows once the caller commits (never on rollback).
+        session = Session.object_session(workflow)
+        if session is not None:
+            cron_schedule.note_change(session, workflow.id, workflow.next_run_at)
 
 
 def update_workflow(
@@ -136,6 +143,8 @@ def delete_workflow(*, session: Session, workflow_id: uuid.UUID, user_id: uuid.U
     workflow = get_workflow_by_id_and_user(
         session=session, workflow_id=workflow_id, user_id=user_id
     )
+    if workflow.next_run_at is not None:
+        cron_schedule.note_change(session, workflow.id, None)
     session.delete(workflow)
     session.flush()
 
