@@ -27,11 +27,9 @@ Reported:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +37,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +44,8 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
+
+from benchmarks.harness import moto_server
 
 PG_ADMIN_URL = os.environ.get(
     "FLOWBUILDER_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -94,38 +93,6 @@ class _SqsTimer:
         with self._lock:
             self.seconds = 0.0
             self.calls = {}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _moto() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _fresh_queues(moto_url: str, *settings_list: Any) -> None:
@@ -546,7 +513,7 @@ def run(quick: bool = False, sqs_latency_ms: float = 15.0) -> dict[str, Any]:
     try:
         with (
             db.temporary_database(PG_ADMIN_URL, "flowbuilder_bench_beat") as url,
-            _moto() as moto_url,
+            moto_server() as moto_url,
             tempfile.TemporaryDirectory() as tmp,
             _SqsTimer() as timer,
         ):

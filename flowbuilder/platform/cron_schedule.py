@@ -26,11 +26,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 import structlog
 from sqlalchemy import event
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
 
+from flowbuilder.platform.models import Workflow, WorkflowStatus
 from flowbuilder.platform.settings import Settings, get_settings
 
 logger = structlog.get_logger(__name__)
@@ -167,8 +169,6 @@ def reconcile(
     *, session: Session, client: redis.Redis | None = None, settings: Settings | None = None
 ) -> ReconcileReport:
     """Make the Redis schedule equal to the database's; report what changed."""
-    from flowbuilder.platform.scheduling import scheduled_next_runs
-
     client = client or get_client(settings)
     truth = {str(wid): _score(at) for wid, at in scheduled_next_runs(session=session).items()}
     current = entries(client=client, settings=settings)
@@ -232,3 +232,25 @@ def _apply_changes(session: OrmSession) -> None:
 def _drop_changes(session: OrmSession, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(_CHANGES, None)
+
+
+def scheduled_next_runs(
+    *, session: Session, workflow_ids: list[uuid.UUID] | None = None
+) -> dict[uuid.UUID, datetime | None]:
+    """The schedule as the database says it: workflow id -> next fire time.
+
+    With ``workflow_ids``, every given id is in the result (None: not scheduled, e.g.
+    unpublished, no cron, deleted). Without, only the scheduled workflows are.
+    """
+    stmt = sa.select(Workflow.id, Workflow.next_run_at).where(
+        Workflow.status == WorkflowStatus.PUBLISHED,
+        Workflow.cron.is_not(None),
+        Workflow.next_run_at.is_not(None),
+    )
+    if workflow_ids is None:
+        return {wid: at for wid, at in session.execute(stmt)}
+    result: dict[uuid.UUID, datetime | None] = dict.fromkeys(workflow_ids)
+    for i in range(0, len(workflow_ids), 1000):
+        chunk = workflow_ids[i : i + 1000]
+        result.update({wid: at for wid, at in session.execute(stmt.where(Workflow.id.in_(chunk)))})
+    return result

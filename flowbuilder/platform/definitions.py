@@ -670,7 +670,7 @@ class _Validator:
         if done == len(remaining):
             return
         stuck = {node_id for node_id, degree in remaining.items() if degree > 0}
-        for component in _strongly_connected(stuck, successors):
+        for component in strongly_connected(stuck, successors):
             if len(component) == 1:
                 (only,) = component
                 if only not in successors[only]:
@@ -696,8 +696,10 @@ def _names(ports: Mapping[str, Any]) -> str:
     return ", ".join(ports) or "none"
 
 
-def _strongly_connected(nodes: set[str], successors: Mapping[str, list[str]]) -> list[set[str]]:
-    """Tarjan's algorithm, iterative, restricted to ``nodes``."""
+def strongly_connected(nodes: set[str], successors: Mapping[str, list[str]]) -> list[set[str]]:
+    """Tarjan's algorithm, iterative (no recursion limit), restricted to ``nodes``.
+
+    Also used by the import-graph test, which finds cycles between modules with it."""
     index_of: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()

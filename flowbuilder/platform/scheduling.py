@@ -44,6 +44,7 @@ import structlog
 from sqlmodel import Session
 
 from flowbuilder.platform.cron import get_next_run_date
+from flowbuilder.platform.cron_schedule import scheduled_next_runs
 from flowbuilder.platform.crud._sql import is_postgres, upsert
 from flowbuilder.platform.crud.rate_limit_crud import window_start
 from flowbuilder.platform.errors import (
@@ -636,25 +637,3 @@ def _hit_many(session: Session, hits: dict[str, int], start: datetime) -> dict[s
     ).returning(table.c.key, table.c.count)
     rows = [{"id": uuid.uuid4(), "key": k, "window_start": start, "count": hits[k]} for k in keys]
     return _pairs(connection.execute(stmt, rows))
-
-
-def scheduled_next_runs(
-    *, session: Session, workflow_ids: list[uuid.UUID] | None = None
-) -> dict[uuid.UUID, datetime | None]:
-    """The schedule as the database says it: workflow id -> next fire time.
-
-    With ``workflow_ids``, every given id is in the result (None: not scheduled, e.g.
-    unpublished, no cron, deleted). Without, only the scheduled workflows are.
-    """
-    stmt = sa.select(Workflow.id, Workflow.next_run_at).where(
-        Workflow.status == WorkflowStatus.PUBLISHED,
-        Workflow.cron.is_not(None),
-        Workflow.next_run_at.is_not(None),
-    )
-    if workflow_ids is None:
-        return _pairs(session.execute(stmt))
-    result: dict[uuid.UUID, datetime | None] = dict.fromkeys(workflow_ids)
-    for i in range(0, len(workflow_ids), 1000):
-        chunk = workflow_ids[i : i + 1000]
-        result.update(_pairs(session.execute(stmt.where(Workflow.id.in_(chunk)))))
-    return result

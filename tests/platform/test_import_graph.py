@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import flowbuilder.platform
+from flowbuilder.platform.definitions import strongly_connected
 
 PACKAGE = "flowbuilder.platform"
 ROOT = Path(flowbuilder.platform.__file__).resolve().parent
@@ -69,51 +70,10 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
-    """Strongly connected components with more than one node (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    found: list[frozenset[str]] = []
-    counter = 0
-    for start in graph:
-        if start in index:
-            continue
-        work = [(start, iter(sorted(graph[start])))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on_stack.add(start)
-        while work:
-            node, children = work[-1]
-            advanced = False
-            for child in children:
-                if child not in index:
-                    index[child] = low[child] = counter
-                    counter += 1
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph.get(child, ())))))
-                    advanced = True
-                    break
-                if child in on_stack:
-                    low[node] = min(low[node], index[child])
-            if advanced:
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                component = set()
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.add(member)
-                    if member == node:
-                        break
-                if len(component) > 1:
-                    found.append(frozenset(component))
-    return found
+    """Strongly connected components with more than one node (the validator's Tarjan)."""
+    nodes = set(graph)
+    successors = {node: sorted(graph[node]) for node in nodes}
+    return [frozenset(c) for c in strongly_connected(nodes, successors) if len(c) > 1]
 
 
 def part_of(module: str) -> str:
