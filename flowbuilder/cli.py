@@ -795,6 +795,7 @@ DEMO_DEFINITION: dict[str, Any] = {
 def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run.")) -> None:
     """Run a sample workflow end to end on the configured database and broker."""
     from celery import signals
+    from celery.worker import state as worker_state
     from sqlmodel import select
 
     from flowbuilder.platform.crud import (
@@ -863,8 +864,10 @@ def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run."
         hostname=f"demo-{uuid.uuid4().hex[:6]}@localhost",
         quiet=True,
     )
-    # Stopping a worker that is still starting races its consumer's queue declaration
-    # (kombu then fails on a closed connection), so the stop waits until it is ready.
+    # Stopping the worker from this thread would close its connection under its consumer
+    # (still declaring queues, or draining events): kombu then fails on a closed
+    # connection. So the stop waits until the worker is ready, then asks its own loop to
+    # shut down (the flag its signal handlers set), which it checks every cycle.
     ready = threading.Event()
 
     def _ready(sender: Any = None, **_: Any) -> None:
@@ -890,8 +893,12 @@ def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run."
                 time.sleep(0.2)
     finally:
         ready.wait(timeout=10)
-        worker.stop()
-        thread.join(timeout=10)
+        worker_state.should_stop = 0  # EX_OK: a warm shutdown from inside the loop
+        thread.join(timeout=15)
+        if thread.is_alive():
+            worker.stop()
+            thread.join(timeout=10)
+        worker_state.should_stop = None
         signals.worker_ready.disconnect(_ready)
 
     with unit_of_work() as session:

@@ -50,7 +50,11 @@ def run_housekeeping(
         session, GuestSession.__table__, GuestSession.__table__.c.expires_at < now
     )
     # A window is over once the next one has started; one spare window for clock skew.
-    window = settings.RATE_LIMIT_WINDOW_SECONDS
+    # Entries carry no window length, so the longest one any limit uses decides (guest
+    # creation counts per hour: pruning it after a minute would reset that limit).
+    window = max(
+        settings.RATE_LIMIT_WINDOW_SECONDS, settings.RATE_LIMIT_GUEST_CREATION_WINDOW_SECONDS
+    )
     report.rate_limit_entries = _delete_bounded(
         session,
         RateLimitEntry.__table__,

@@ -41,12 +41,12 @@ def upgrade_engine(engine: Engine, revision: str = "head") -> None:
 def current_revision(*, database_url: str | None = None) -> str | None:
     """The revision the database is at (None: no schema yet). Several heads: joined by ','."""
     from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
 
-    from flowbuilder.platform.settings import get_settings
+    from flowbuilder.platform.db import make_engine
 
-    url = database_url or get_settings().database_url
-    engine = create_engine(url)
+    # make_engine, like the migrations themselves: the embedded default's folder is
+    # created on first use, so `db upgrade` works on a fresh machine.
+    engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
             heads = MigrationContext.configure(conn).get_current_heads()

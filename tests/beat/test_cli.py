@@ -44,6 +44,6 @@ def test_demo_schedules_its_workflow_and_sync_restores_it(
 def test_beat_sync_with_redis_down_is_one_clear_error(tmp_path: Path) -> None:
     assert _run(["db", "upgrade"], tmp_path).returncode == 0
     result = _run(["beat", "sync"], tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Redis unreachable" in result.stderr

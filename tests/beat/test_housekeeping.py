@@ -22,13 +22,19 @@ from tests.factories import make_user
 
 def test_housekeeping_purges_only_what_expired(session: Session) -> None:
     now = utcnow()
-    expired_user, expired_token = user_crud.create_guest(session=session, ttl_seconds=60)
-    live_user, live_token = user_crud.create_guest(session=session, ttl_seconds=3600)
+    expired_user, expired_token = user_crud.create_guest(
+        session=session, client_key="198.51.100.9", ttl_seconds=60
+    )
+    live_user, live_token = user_crud.create_guest(
+        session=session, client_key="198.51.100.9", ttl_seconds=3600
+    )
     expired = session.exec(
         select(GuestSession).where(GuestSession.user_id == expired_user.id)
     ).one()
     expired.expires_at = now - timedelta(seconds=1)
-    for start in (now - timedelta(hours=2), now):
+    # An hourly guest-creation window two hours old ended; the one that holds the guests
+    # created above (the same hour) must survive, like the current enqueue window.
+    for start in (now - timedelta(hours=3), now):
         rate_limit_crud.hit(
             session=session, key="enqueue:x", limit=10, window_seconds=60, now=start
         )
@@ -53,8 +59,10 @@ def test_housekeeping_purges_only_what_expired(session: Session) -> None:
     sessions = session.exec(select(GuestSession)).all()
     assert [s.user_id for s in sessions] == [live_user.id]
     assert user_crud.resolve_guest_token(session=session, token=live_token).id == live_user.id
-    [window] = session.exec(select(RateLimitEntry)).all()
-    assert window.window_start == rate_limit_crud.window_start(now, 60)
+    windows = {w.key: w for w in session.exec(select(RateLimitEntry)).all()}
+    assert windows.pop("enqueue:x").window_start == rate_limit_crud.window_start(now, 60)
+    [guest_window] = windows.values()  # still counts the two guests created this hour
+    assert guest_window.key.startswith("guest-create:") and guest_window.count == 2
     assert len(session.exec(select(ExecutionLog)).all()) == 2
     del expired_token
 
