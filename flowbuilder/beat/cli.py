@@ -21,15 +21,19 @@ def sync() -> None:
     """Make the Redis schedule match the database; print what changed."""
     import redis
 
+    from flowbuilder.cli import _progress  # here: flowbuilder.cli registers this sub-app
     from flowbuilder.platform import cron_schedule
     from flowbuilder.platform.db import unit_of_work
     from flowbuilder.platform.errors import TransientError
+    from flowbuilder.platform.settings import get_settings
 
     try:
-        with unit_of_work() as session:
+        with _progress("reconciling the cron schedule"), unit_of_work() as session:
             report = cron_schedule.reconcile(session=session)
     except (redis.RedisError, OSError) as exc:
-        raise TransientError(f"Redis unreachable: {type(exc).__name__}") from exc
+        url = redis.connection.parse_url(get_settings().REDIS_URL)
+        where = f"{url.get('host', '?')}:{url.get('port', 6379)}"
+        raise TransientError(f"Redis unreachable at {where}: {type(exc).__name__}") from exc
     for label, ids in (("added", report.added), ("updated", report.updated)):
         for wid in ids:
             typer.echo(f"{label} {wid}")

@@ -46,4 +46,4 @@ def test_beat_sync_with_redis_down_is_one_clear_error(tmp_path: Path) -> None:
     result = _run(["beat", "sync"], tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
     assert result.returncode == 3
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "Redis unreachable" in result.stderr
+    assert "Redis unreachable at 127.0.0.1:1" in result.stderr
