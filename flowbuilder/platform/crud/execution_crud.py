@@ -205,22 +205,39 @@ def renew_lease(
     lease_seconds: float,
     now: datetime | None = None,
 ) -> tuple[bool, bool]:
-    """Extend ``owner``'s lease. Returns ``(still_held, cancel_requested)`` in one round trip."""
+    """Extend ``owner``'s lease. Returns ``(still_held, cancel_requested)`` in one round trip.
+
+    Runs at the start of every phase's transaction (the fence): the statement is built
+    once and executed on the session's connection, without the ORM."""
     now = now or utcnow()
-    row = session.execute(
-        sa.update(WorkflowExecution)
-        .where(
-            WorkflowExecution.id == execution_id,
-            WorkflowExecution.lease_owner == owner,
-            WorkflowExecution.status == ExecutionStatus.RUNNING,
+    row = (
+        session.connection()
+        .execute(
+            _RENEW_LEASE,
+            {
+                "b_id": execution_id,
+                "b_owner": owner,
+                "b_running": ExecutionStatus.RUNNING,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            },
         )
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(WorkflowExecution.cancel_requested)
-        .execution_options(synchronize_session=False)
-    ).first()
+        .first()
+    )
     if row is None:
         return False, False
     return True, bool(row[0])
+
+
+_EXECUTION = WorkflowExecution.__table__
+_RENEW_LEASE = (
+    sa.update(_EXECUTION)
+    .where(
+        _EXECUTION.c.id == sa.bindparam("b_id"),
+        _EXECUTION.c.lease_owner == sa.bindparam("b_owner"),
+        _EXECUTION.c.status == sa.bindparam("b_running", type_=_EXECUTION.c.status.type),
+    )
+    .returning(_EXECUTION.c.cancel_requested)
+)
 
 
 def release_lease(*, session: Session, execution_id: uuid.UUID, owner: str) -> None:

@@ -8,6 +8,8 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, select
 
 from flowbuilder.platform.errors import InvalidTransition, NotFound
@@ -36,7 +38,10 @@ _ALLOWED: dict[PhaseStatus, frozenset[PhaseStatus]] = {
 def create_phases(
     *, session: Session, execution: WorkflowExecution, planned: Iterable[Any]
 ) -> list[ExecutionPhase]:
-    """Create one phase per planned node (objects with node_id, node_type, number, credits)."""
+    """Create one phase per planned node (objects with node_id, node_type, number, credits).
+
+    One INSERT for all of them (Core executemany, not an ORM flush of each object). The
+    returned objects are in ``session`` as persistent rows, without a second write."""
     phases = [
         ExecutionPhase(
             execution_id=execution.id,
@@ -49,9 +54,37 @@ def create_phases(
         )
         for position, node in enumerate(planned)
     ]
-    session.add_all(phases)
-    session.flush()
+    if phases:
+        # The execution's own row is pending in the session: flush it first (foreign key).
+        session.flush()
+        session.connection().execute(
+            _INSERT_PHASE, [{key: getattr(p, key) for key in _INSERT_KEYS} for p in phases]
+        )
+        for phase in phases:
+            make_transient_to_detached(phase)
+            session.add(phase)
     return phases
+
+
+_PHASE = ExecutionPhase.__table__
+# What a new phase has; the other columns start NULL (a JSON column given None would
+# store JSON null instead).
+_INSERT_KEYS = (
+    "id",
+    "execution_id",
+    "user_id",
+    "number",
+    "position",
+    "node_id",
+    "node_type",
+    "status",
+    "credits_cost",
+    "credits_charged",
+    "attempts",
+)
+_INSERT_PHASE = sa.insert(_PHASE)
+# Built once; the SET clause comes from the parameters given (their keys).
+_UPDATE_PHASE = sa.update(_PHASE).where(_PHASE.c.id == sa.bindparam("b_phase_id"))
 
 
 def list_phases(
@@ -110,6 +143,46 @@ def update_phase(
         phase.credits_charged = credits_charged
     session.add(phase)
     session.flush()
+    return phase
+
+
+def record_phase(
+    *,
+    session: Session,
+    phase: ExecutionPhase,
+    status: PhaseStatus,
+    inputs: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    error: str | None = None,
+    credits_charged: int | None = None,
+    now: datetime | None = None,
+) -> ExecutionPhase:
+    """:func:`update_phase` as one Core UPDATE of the changed columns, for the engine's
+    hot path: ``phase`` may be detached (it is never re-attached or flushed) and is
+    updated in memory to what was written. Same checked transitions."""
+    if status not in _ALLOWED[phase.status]:
+        raise InvalidTransition("phase", phase.id, phase.status, status)
+    now = now or utcnow()
+    values: dict[str, Any] = {"status": status}
+    if status == PhaseStatus.RUNNING:
+        values["started_at"] = now
+        values["attempts"] = phase.attempts + 1
+        if inputs is not None:
+            values["inputs"] = inputs
+    else:
+        values["completed_at"] = now
+        if phase.started_at is not None:
+            values["duration_ms"] = int((now - phase.started_at).total_seconds() * 1000)
+    if outputs is not None:
+        values["outputs"] = outputs
+    if error is not None:
+        values["error"] = error[:4000]
+    if credits_charged is not None:
+        values["credits_charged"] = credits_charged
+    session.connection().execute(_UPDATE_PHASE, {"b_phase_id": phase.id, **values})
+    for key, value in values.items():
+        # Committed values: a phase that is in a session is not flushed a second time.
+        set_committed_value(phase, key, value)
     return phase
 
 
