@@ -45,7 +45,10 @@ def create_execution(
     trigger: TriggerType = TriggerType.MANUAL,
     inputs: dict[str, Any] | None = None,
     correlation_id: str | None = None,
+    resend_after_seconds: float | None = None,
 ) -> WorkflowExecution:
+    """A new pending execution. With ``resend_after_seconds``, recorded as sent
+    (:func:`mark_sent`) in the same INSERT rather than an UPDATE after it."""
     execution = WorkflowExecution(
         user_id=user_id,
         workflow_id=workflow_id,
@@ -54,6 +57,8 @@ def create_execution(
         inputs=inputs,
         correlation_id=correlation_id,
     )
+    if resend_after_seconds is not None:
+        mark_sent(execution=execution, resend_after_seconds=resend_after_seconds)
     session.add(execution)
     session.flush()
     return execution

@@ -611,7 +611,7 @@ def _start_phase(
             run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
     if error is None and phase.credits_cost > 0:
         try:
-            balance_crud.debit_credits(
+            balance_crud.debit_once(
                 session=s,
                 user_id=state.user_id,
                 amount=phase.credits_cost,
