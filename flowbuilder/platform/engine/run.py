@@ -54,6 +54,7 @@ from flowbuilder.platform.errors import (
     SecretError,
     TransientError,
 )
+from flowbuilder.platform.jsonvalues import SerialisedJSON
 from flowbuilder.platform.models import (
     ExecutionPhase,
     ExecutionStatus,
@@ -542,6 +543,9 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
         )
         if outcome.error is None:
             outputs = outcome.outputs  # made storable at the node boundary (invoke)
+            if outcome.outputs_json is not None:
+                # Stored as the text made at the boundary, not serialised a second time.
+                outputs = SerialisedJSON(outputs, outcome.outputs_json)
             phase_crud.record_phase(
                 session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
             )
