@@ -11,6 +11,7 @@ from sqlmodel import Session, select
 
 from flowbuilder.platform.errors import InvalidTransition, NotFound
 from flowbuilder.platform.models import (
+    ExecutionPhase,
     ExecutionStatus,
     TriggerType,
     WorkflowExecution,
@@ -202,6 +203,77 @@ def acquire_lease(
     return result.rowcount == 1
 
 
+def claim_execution(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> WorkflowExecution | None:
+    """:func:`acquire_lease` and the move to running, in one UPDATE ... RETURNING.
+
+    Takes the lease (counting the attempt), marks a pending execution running (its
+    ``started_at`` set once) and returns the row as updated; None when it was not taken
+    (missing, ended, or a live lease held by another owner)."""
+    now = now or utcnow()
+    stmt = (
+        sa.update(WorkflowExecution)
+        .where(
+            WorkflowExecution.id == execution_id,
+            WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
+            sa.or_(
+                WorkflowExecution.lease_owner.is_(None),
+                WorkflowExecution.lease_owner == owner,
+                WorkflowExecution.lease_expires_at < now,
+            ),
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=WorkflowExecution.attempts + 1,
+            status=ExecutionStatus.RUNNING,
+            started_at=sa.func.coalesce(WorkflowExecution.started_at, now),
+        )
+        .returning(WorkflowExecution)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    return session.scalars(stmt).first()
+
+
+def finish_execution(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    status: ExecutionStatus,
+    error: str | None,
+    started_at: datetime | None,
+    now: datetime | None = None,
+) -> int:
+    """End a running execution whose lease the caller checked in this transaction (so it
+    is running): the final status, the lease released, and the credits it consumed (the
+    sum of its phases' charges), in one UPDATE. Returns the credits."""
+    if not status.is_terminal:
+        raise ValueError(f"finish_execution: {status.value} is not a final status")
+    now = now or utcnow()
+    values: dict[str, Any] = {
+        "b_id": execution_id,
+        "status": status,
+        "completed_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "duration_ms": (
+            int((now - started_at).total_seconds() * 1000) if started_at is not None else None
+        ),
+    }
+    if error is not None:
+        values["error"] = error[:4000]
+    row = session.connection().execute(_FINISH, values).first()
+    if row is None:
+        raise NotFound("execution", execution_id)
+    return int(row[0])
+
+
 def renew_lease(
     *,
     session: Session,
@@ -234,6 +306,17 @@ def renew_lease(
 
 
 _EXECUTION = WorkflowExecution.__table__
+_PHASES = ExecutionPhase.__table__
+_FINISH = (
+    sa.update(_EXECUTION)
+    .where(_EXECUTION.c.id == sa.bindparam("b_id"))
+    .values(
+        credits_consumed=sa.select(sa.func.coalesce(sa.func.sum(_PHASES.c.credits_charged), 0))
+        .where(_PHASES.c.execution_id == sa.bindparam("b_id"))
+        .scalar_subquery()
+    )
+    .returning(_EXECUTION.c.credits_consumed)
+)
 _RENEW_LEASE = (
     sa.update(_EXECUTION)
     .where(

@@ -273,15 +273,17 @@ def _claim(
     from flowbuilder.platform.plan import ExecutionPlan
 
     with db.unit() as s:
-        execution = s.get(WorkflowExecution, execution_id)
-        if execution is None:
-            return RunResult(Outcome.MISSING, error="no such execution")
-        if execution.status.is_terminal:
-            return RunResult(Outcome.ALREADY_DONE)
-        if not execution_crud.acquire_lease(
+        # One statement on the common path: the lease taken, the execution marked running
+        # and its row read back. Why it was not taken is read only when it was not.
+        execution = execution_crud.claim_execution(
             session=s, execution_id=execution_id, owner=owner, lease_seconds=lease
-        ):
-            s.refresh(execution)
+        )
+        if execution is None:
+            execution = s.get(WorkflowExecution, execution_id)
+            if execution is None:
+                return RunResult(Outcome.MISSING, error="no such execution")
+            if execution.status.is_terminal:
+                return RunResult(Outcome.ALREADY_DONE)
             remaining = lease
             if execution.lease_expires_at is not None:
                 remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
@@ -291,7 +293,6 @@ def _claim(
                     # Past every run's bound: do not come back (see _exhausted).
                     remaining = 0.0
             return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
-        s.refresh(execution)
         settings = get_settings()
         ended = _exhausted(execution, settings)
         if ended is not None:
@@ -314,10 +315,6 @@ def _claim(
                 PhaseStatus.SKIPPED,
             )
             return RunResult(Outcome.FAILED, error="workflow version missing")
-        if execution.status == ExecutionStatus.PENDING:
-            execution_crud.update_execution_status(
-                session=s, execution_id=execution.id, status=ExecutionStatus.RUNNING
-            )
         phases = list(
             s.exec(
                 select(ExecutionPhase)
@@ -345,7 +342,13 @@ def _claim(
             deadline=time.monotonic() + budget,
             plan=ExecutionPlan.from_dict(version.plan),
             phases=phases,
-            next_seq=log_crud.next_log_seq(session=s, execution_id=execution.id),
+            # Logs are written only with a phase's end: none yet if no phase has ended.
+            next_seq=(
+                log_crud.next_log_seq(session=s, execution_id=execution.id)
+                if any(p.status not in _OPEN_PHASE for p in phases)
+                else 1
+            ),
+            started_at=execution.started_at,
         )
         for phase in phases:
             if phase.status == PhaseStatus.COMPLETED:
@@ -567,25 +570,37 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
     return None
 
 
+def _end_fenced(
+    s: Session,
+    state: RunState,
+    status: ExecutionStatus,
+    error: str | None,
+    open_phases: PhaseStatus,
+) -> int:
+    """:func:`_finish` inside a fenced transaction (the lease check in it proved the
+    execution running and ours): two Core statements, no ORM load. Returns the credits."""
+    phase_crud.close_open_phases(session=s, execution_id=state.execution_id, status=open_phases)
+    return execution_crud.finish_execution(
+        session=s,
+        execution_id=state.execution_id,
+        status=status,
+        error=error,
+        started_at=state.started_at,
+    )
+
+
 def _fail_run(s: Session, state: RunState, error: str) -> RunResult:
-    _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
+    _end_fenced(s, state, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
     return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
 
 
 def _complete(s: Session, state: RunState) -> RunResult:
-    _finish(s, state.execution_id, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
-    credits = s.get(WorkflowExecution, state.execution_id).credits_consumed
+    credits = _end_fenced(s, state, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
     return RunResult(Outcome.COMPLETED, phases_run=state.phases_run, credits=credits)
 
 
 def _cancel_run(s: Session, state: RunState) -> RunResult:
-    _finish(
-        s,
-        state.execution_id,
-        ExecutionStatus.CANCELLED,
-        "cancelled by the user",
-        PhaseStatus.CANCELLED,
-    )
+    _end_fenced(s, state, ExecutionStatus.CANCELLED, "cancelled by the user", PhaseStatus.CANCELLED)
     return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
 
 
