@@ -29,6 +29,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 from sqlmodel import Session, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from flowbuilder.platform.jsonvalues import dumps_json
 from flowbuilder.platform.settings import get_settings
 
 T = TypeVar("T")
@@ -77,7 +78,10 @@ def make_engine(
     sa_url = sa.make_url(url or settings.database_url)
     if sa_url.get_backend_name() == "sqlite":
         _ensure_sqlite_dir(sa_url)
-        options: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        options: dict[str, Any] = {
+            "connect_args": {"check_same_thread": False, "timeout": 30},
+            "json_serializer": dumps_json,
+        }
         if sa_url.database in (None, "", ":memory:"):
             options["poolclass"] = StaticPool
         options.update(kwargs)
@@ -90,6 +94,8 @@ def make_engine(
         "max_overflow": settings.DB_MAX_OVERFLOW,
         # Recycle before common server/load-balancer idle cut-offs.
         "pool_recycle": 1800,
+        # Node outputs arrive serialised already (jsonvalues.SerialisedJSON).
+        "json_serializer": dumps_json,
     }
     options.update(kwargs)
     return sa.create_engine(sa_url, **options)

@@ -10,6 +10,7 @@ on deep enough nesting. Everything here is iterative (an explicit stack), so a
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -27,6 +28,27 @@ class Unstorable(ValueError):
         shown = path if len(path) <= 120 else f"{path[:60]}...{path[-40:]}"
         super().__init__(f"{shown or '(root)'}: {problem}")
         self.path, self.problem = path, problem
+
+
+class SerialisedJSON(dict):  # type: ignore[type-arg]
+    """A JSON object that comes with its serialisation: the engines' JSON serialiser
+    (:func:`dumps_json`) writes ``text`` instead of serialising the object a second time
+    (node outputs are serialised once already, to measure them). To everything else it is
+    the plain dict it holds, so an engine without that serialiser still stores it right.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: dict[str, Any], text: str) -> None:
+        super().__init__(value)
+        self.text = text
+
+
+def dumps_json(value: Any) -> str:
+    """The database engines' ``json_serializer``: json.dumps, except for SerialisedJSON."""
+    if type(value) is SerialisedJSON:
+        return value.text
+    return json.dumps(value)
 
 
 def bad_string_reason(text: str) -> str | None:
@@ -65,16 +87,55 @@ def make_storable(value: Any, *, max_depth: int, repair: bool) -> Any:
     ``str()``. ``repair=False`` (definitions, execution inputs: the user's own data):
     any of these raises :class:`Unstorable`. Nesting deeper than ``max_depth`` raises
     :class:`Unstorable` either way (there is no sensible repair). One pass, iterative.
+
+    Hot (every node's outputs, 100 KB of them and more): the children of a container
+    that are plain scalars (exactly str, int, bool, None, float) are checked and copied
+    in place, with the string checks done by C methods; only containers and anything
+    unusual go through the stack. Paths are built only for an error.
     """
     root: list[Any] = [None]
-    # (value, container to put the copy in, key in that container, depth, path)
-    stack: list[tuple[Any, Any, Any, int, str]] = [(value, root, 0, 0, "")]
+    # (value, container to put the copy in, key in that container, depth, trail); a trail
+    # is (parent trail, key), None at the root, made into a path only for an error.
+    stack: list[tuple[Any, Any, Any, int, Any]] = [(value, root, 0, 0, None)]
     while stack:
-        item, container, slot, depth, path = stack.pop()
-        if isinstance(item, str):
+        item, container, slot, depth, trail = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth >= max_depth:
+                raise Unstorable(_trail_path(trail), f"nested deeper than {max_depth} levels")
+            is_dict = isinstance(item, dict)
+            if is_dict:
+                copy: Any = {}
+                pairs: Any = item.items()
+            else:
+                copy = [None] * len(item)
+                pairs = enumerate(item)
+            for key, child in pairs:
+                if is_dict and (type(key) is not str or "\x00" in key or not key.isascii()):
+                    key = _storable_key(key, repair, trail)
+                kind = type(child)
+                if kind is str:
+                    if "\x00" in child or (not child.isascii() and bad_string_reason(child)):
+                        if not repair:
+                            raise Unstorable(
+                                _trail_path((trail, key)), bad_string_reason(child) or ""
+                            )
+                        child = clean_string(child)
+                    copy[key] = child
+                elif (
+                    kind is int
+                    or kind is bool
+                    or child is None
+                    or (kind is float and math.isfinite(child))
+                ):
+                    copy[key] = child
+                else:  # a container, a non-finite float, a subclass, an object
+                    copy[key] = None
+                    stack.append((child, copy, key, depth + 1, (trail, key)))
+            container[slot] = copy
+        elif isinstance(item, str):
             if (reason := bad_string_reason(item)) is not None:
                 if not repair:
-                    raise Unstorable(path, reason)
+                    raise Unstorable(_trail_path(trail), reason)
                 item = clean_string(item)
             container[slot] = item
         elif item is None or isinstance(item, bool | int):
@@ -82,35 +143,42 @@ def make_storable(value: Any, *, max_depth: int, repair: bool) -> Any:
         elif isinstance(item, float):
             if not math.isfinite(item):
                 if not repair:
-                    raise Unstorable(path, f"not JSON serialisable ({item} is not a JSON number)")
+                    raise Unstorable(
+                        _trail_path(trail), f"not JSON serialisable ({item} is not a JSON number)"
+                    )
                 item = None
             container[slot] = item
-        elif isinstance(item, dict | list | tuple):
-            if depth >= max_depth:
-                raise Unstorable(path, f"nested deeper than {max_depth} levels")
-            if isinstance(item, dict):
-                copy: dict[str, Any] = {}
-                for key, child in item.items():
-                    if not isinstance(key, str):
-                        if not repair:
-                            raise Unstorable(path, f"key {key!r} is not a string")
-                        key = str(key)
-                    if (reason := bad_string_reason(key)) is not None:
-                        if not repair:
-                            raise Unstorable(path, f"a key {reason}")
-                        key = clean_string(key)
-                    copy[key] = None
-                    stack.append((child, copy, key, depth + 1, _path(path, key)))
-            else:
-                copy = [None] * len(item)  # type: ignore[assignment]
-                for index, child in enumerate(item):
-                    stack.append((child, copy, index, depth + 1, _path(path, index)))
-            container[slot] = copy
         else:
             if not repair:
-                raise Unstorable(path, f"not JSON serialisable ({type(item).__name__})")
+                raise Unstorable(
+                    _trail_path(trail), f"not JSON serialisable ({type(item).__name__})"
+                )
             container[slot] = clean_string(str(item))
     return root[0]
+
+
+def _storable_key(key: Any, repair: bool, trail: Any) -> str:
+    """A dict key as stored: a string without NUL or lone surrogates (or Unstorable)."""
+    if not isinstance(key, str):
+        if not repair:
+            raise Unstorable(_trail_path(trail), f"key {key!r} is not a string")
+        key = str(key)
+    if (reason := bad_string_reason(key)) is not None:
+        if not repair:
+            raise Unstorable(_trail_path(trail), f"a key {reason}")
+        key = clean_string(key)
+    return key
+
+
+def _trail_path(trail: Any) -> str:
+    keys: list[Any] = []
+    while trail is not None:
+        trail, key = trail
+        keys.append(key)
+    path = ""
+    for key in reversed(keys):
+        path = _path(path, key)
+    return path
 
 
 def depth_of(value: Any, limit: int) -> int:

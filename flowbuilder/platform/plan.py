@@ -122,6 +122,8 @@ class ExecutionPlan:
     nodes: list[PlannedNode] = field(init=False)
     total_credits: int = field(init=False)
     _by_id: dict[str, PlannedNode] = field(init=False, repr=False, compare=False)
+    # How many inputs read each (node, output): one reader may have the value uncopied.
+    _readers: dict[tuple[str, str], int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = [node for phase in self.phases for node in phase]
@@ -146,6 +148,12 @@ class ExecutionPlan:
         object.__setattr__(self, "nodes", ordered)
         object.__setattr__(self, "total_credits", sum(node.credits for node in ordered))
         object.__setattr__(self, "_by_id", by_id)
+        readers: dict[tuple[str, str], int] = {}
+        for node in ordered:
+            for binding in node.bindings:
+                key = (binding.source_node, binding.source_handle)
+                readers[key] = readers.get(key, 0) + 1
+        object.__setattr__(self, "_readers", readers)
 
     def node(self, node_id: str) -> PlannedNode:
         try:
@@ -157,15 +165,23 @@ class ExecutionPlan:
         return sum(node.credits for node in self.phases[number - 1])
 
     def resolve_inputs(
-        self, node_id: str, outputs_by_node: Mapping[str, Mapping[str, Any]]
+        self,
+        node_id: str,
+        outputs_by_node: Mapping[str, Mapping[str, Any]],
+        *,
+        hand_over_sole: bool = False,
     ) -> dict[str, Any]:
         """The inputs ``node_id`` runs with: port defaults, overridden by its static
         inputs, overridden by the values arriving on its incoming edges.
 
         ``outputs_by_node`` maps each finished node id to its outputs. A static
         ``null`` counts as no value. Values are copied (iteratively: deep values never
-        raise RecursionError) so a node that mutates its
-        inputs cannot change the plan or another node's outputs. Raises MissingInput
+        raise RecursionError) so a node that mutates its inputs cannot change the plan or
+        what another node receives, nor ``outputs_by_node``. With ``hand_over_sole`` (the
+        engine, whose ``outputs_by_node`` is its own and already stored), an output that
+        this one input alone reads in the whole plan is handed over uncopied: copying a
+        large output was most of a phase's cost, and no other node can see a change to
+        it. Raises MissingInput
         when a required input ends up without a value (e.g. an upstream node did not
         produce the output), PlanError when an upstream node has not run.
         """
@@ -185,7 +201,12 @@ class ExecutionPlan:
                     "which has not run"
                 )
             if binding.source_handle in upstream:
-                inputs[binding.input] = copy_json(upstream[binding.source_handle])
+                value = upstream[binding.source_handle]
+                sole = (
+                    hand_over_sole
+                    and self._readers.get((binding.source_node, binding.source_handle)) == 1
+                )
+                inputs[binding.input] = value if sole else copy_json(value)
         for name in node.required_inputs:
             if inputs.get(name) is None:
                 raise MissingInput(f"required input {name!r} of node {node_id!r} has no value")

@@ -265,7 +265,11 @@ def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -
     if correlation and CORRELATION_HEADER not in headers:
         headers[CORRELATION_HEADER] = correlation
     name = getattr(task, "name", None)
-    context = logcontext.context_for(name, headers, getattr(request, "argsrepr", None), task_id)
+    # Looked up once by the worker's main process (a database read per task) and handed
+    # over with the request; looked up here only when it was not (eager apply).
+    context = logcontext.passed_context(request)
+    if context is None:
+        context = logcontext.context_for(name, headers, getattr(request, "argsrepr", None), task_id)
     logcontext.remember(task_id, context)  # Celery's own lines in this (child) process
     bind_context(task_id=task_id, task_name=name, **context)
 

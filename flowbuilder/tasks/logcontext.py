@@ -103,12 +103,30 @@ def lookup(task_id: str | None) -> dict[str, str] | None:
         return _by_task.get(task_id)
 
 
+# The key under which the main process hands its looked-up context to the pool child
+# with the request (so the child does not read the execution's row a second time).
+PASSED_CONTEXT = "flowbuilder_log_context"
+
+
 class ContextRequest(Request):
-    """The worker's request for our tasks: remembers the message's log context."""
+    """The worker's request for our tasks: remembers the message's log context and
+    passes it to the child that runs the task."""
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
-        remember(self.id, context_for(self.name, self._request_dict, self._argsrepr))
+        context = context_for(self.name, self._request_dict, self._argsrepr)
+        remember(self.id, context)
+        # Always set here, after the message's own headers were copied in: a header of
+        # that name in a message is replaced, never trusted.
+        self._request_dict[PASSED_CONTEXT] = dict(context)
+
+
+def passed_context(request: Any) -> dict[str, str] | None:
+    """The context the main process handed over with ``request`` (None if it did not)."""
+    value = getattr(request, PASSED_CONTEXT, None) if request is not None else None
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if k in LOG_FIELDS and isinstance(v, str)}
 
 
 class TaskLogContext(logging.Filter):

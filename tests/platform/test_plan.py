@@ -408,3 +408,27 @@ def test_valid_dags_always_plan(raw: dict) -> None:
         resolved = plan.resolve_inputs(planned.node_id, outputs)
         assert set(planned.static_inputs) <= set(resolved)
         outputs[planned.node_id] = {h: 1 for h in OUTPUTS[planned.node_type]}
+
+
+def test_resolve_inputs_hands_over_an_output_only_one_input_reads() -> None:
+    """The engine's mode: a value read by one input alone is not copied; one read by two
+    inputs still is, so neither reader sees what the other does to it."""
+    plan = plan_of(
+        [
+            node("r", "read_property_from_json", json={"a": [1]}, property_path="a"),
+            add("w", json={}),
+            add("x", json={}),
+            node("s", "read_property_from_json", json={"a": [1]}, property_path="a"),
+            add("y", json={}),
+        ],
+        [edge("r", "value", "w", "value"), edge("r", "value", "x", "value")]
+        + [edge("s", "value", "y", "value")],
+    )
+    upstream = {"r": {"value": {"deep": [1]}}, "s": {"value": {"deep": [1]}}}
+    sole = plan.resolve_inputs("y", upstream, hand_over_sole=True)
+    assert sole["value"] is upstream["s"]["value"]
+    assert plan.resolve_inputs("y", upstream)["value"] is not upstream["s"]["value"]
+    shared = plan.resolve_inputs("w", upstream, hand_over_sole=True)
+    shared["value"]["deep"].append(2)
+    assert plan.resolve_inputs("x", upstream, hand_over_sole=True)["value"] == {"deep": [1]}
+    assert shared["json"] is not plan.node("w").static_inputs["json"]

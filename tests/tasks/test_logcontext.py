@@ -95,3 +95,43 @@ def test_context_for_reads_only_the_correlation_header_and_the_argument() -> Non
     assert context["execution_id"] == execution_id
     assert context["correlation_id"] == "c" * 100
     assert "forged" not in context.values()
+
+
+def test_the_main_process_hands_its_context_to_the_child_and_a_forged_one_is_replaced() -> None:
+    """The child reads the context the main process looked up (no second database read),
+    and a message cannot set it: the header of that name is overwritten, never trusted."""
+    from kombu import Message
+
+    from flowbuilder.tasks.app import app as celery_app
+    from flowbuilder.tasks.execution import execute_workflow
+
+    execution_id = str(uuid.uuid4())
+    forged = {"user_id": "forged", "workflow_id": "forged"}
+    task_message = celery_app.amqp.as_task_v2(
+        str(uuid.uuid4()), execute_workflow.name, args=[execution_id]
+    )
+    headers = dict(task_message.headers, x_correlation_id="corr-passed")
+    headers[logcontext.PASSED_CONTEXT] = forged
+    body = json.dumps(task_message.body)
+    message = Message(
+        body=body,
+        headers=headers,
+        content_type="application/json",
+        content_encoding="utf-8",
+        properties=task_message.properties,
+        delivery_info={},
+    )
+    request = logcontext.ContextRequest(message, app=celery_app, task=execute_workflow)
+    handed = request._request_dict[logcontext.PASSED_CONTEXT]
+    assert handed["execution_id"] == execution_id
+    assert handed["correlation_id"] == "corr-passed"
+    assert "forged" not in handed.values()
+
+    class _ChildRequest:  # what the child's task.request looks like (attributes)
+        pass
+
+    child = _ChildRequest()
+    setattr(child, logcontext.PASSED_CONTEXT, dict(handed, extra="dropped", user_id=5))
+    passed = logcontext.passed_context(child)
+    assert passed == {"execution_id": execution_id, "correlation_id": "corr-passed"}
+    assert logcontext.passed_context(_ChildRequest()) is None

@@ -20,10 +20,11 @@ from flowbuilder.platform.nodes.base import NodeType, PortSpec
 from flowbuilder.tasks import enqueue_execution, execute_workflow
 from tests.factories import make_user, make_workflow
 
-# Round trips of one more phase (one node that logs): the pool's ping, BEGIN, the lease
-# fence, the previous node's log batch and result, the debit (one statement), this
-# node's start, COMMIT. Lower it when the engine does better; never raise it silently.
-ROUND_TRIPS_PER_PHASE = 8
+# Round trips of one more phase (one node that logs): BEGIN, the lease fence, the
+# previous node's log batch and result, the debit (one statement), this node's start,
+# COMMIT. No pool ping: the run holds one connection. Lower it when the engine does
+# better; never raise it silently.
+ROUND_TRIPS_PER_PHASE = 7
 
 
 def _chatty(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:

@@ -378,7 +378,9 @@ def test_database_drop_retries_the_task_and_the_next_delivery_resumes(
     with _DropConnectionOnce(engine, nth=None) as counter:
         assert execute_workflow.apply(args=[str(ex.id)]).get() == "completed"
     total = counter.count
-    assert total >= 20, total
+    # A sanity floor (the loop below must walk a real run's statements): 18 for this
+    # three-phase run since the claim and the run's end take fewer statements.
+    assert total >= 12, total
 
     # The connection drops at each statement of the run in turn.
     for nth in range(1, total + 1):
@@ -412,7 +414,7 @@ def test_database_drop_retries_the_task_and_the_next_delivery_resumes(
 
 def test_eager_apply_reruns_a_retry_at_once(worker_settings: Any, pg_session: Session) -> None:
     """Without throw=True, Celery runs an eager retry immediately: one apply() covers the
-    dropped connection and the resumed run (the 6th statement is in the claim)."""
+    dropped connection and the resumed run (the 6th statement starts the first phase)."""
     user, ex = _prepared(pg_session)
     with _DropConnectionOnce(db.get_engine(), nth=6) as drop:
         result = execute_workflow.apply(args=[str(ex.id)])

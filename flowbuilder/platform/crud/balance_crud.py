@@ -10,11 +10,12 @@ with it).
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from flowbuilder.platform.crud._sql import is_postgres, upsert
+from flowbuilder.platform.crud._sql import upsert
 from flowbuilder.platform.errors import Conflict, InsufficientCredits, ValidationFailed
 from flowbuilder.platform.models import BalanceTransaction, LedgerKind, UserBalance, utcnow
 
@@ -261,6 +262,59 @@ def debit_credits(
     once (UNIQUE), and the balance always equals the ledger's sum: a decrement without its
     ledger row is undone in the same transaction.
     """
+    row_id, now, balance_after = _debit(
+        session, user_id, amount, idempotency_key, execution_id, phase_id, reason
+    )
+    if balance_after is not None:
+        row = BalanceTransaction(
+            id=row_id,
+            user_id=user_id,
+            kind=LedgerKind.DEBIT,
+            amount=-amount,
+            balance_after=balance_after,
+            idempotency_key=idempotency_key,
+            execution_id=execution_id,
+            phase_id=phase_id,
+            reason=reason,
+            created_at=now,
+        )
+        return row, True
+    return _already_debited(session, user_id, amount, idempotency_key), False
+
+
+def debit_once(
+    *,
+    session: Session,
+    user_id: uuid.UUID,
+    amount: int,
+    idempotency_key: str,
+    execution_id: uuid.UUID | None = None,
+    phase_id: uuid.UUID | None = None,
+    reason: str | None = None,
+) -> bool:
+    """:func:`debit_credits` for the engine's hot path: True when debited now, False when
+    the key was debited already. Same statement, same guarantees and errors; it only does
+    not build the ledger row object (a measurable part of a phase's cost)."""
+    _row_id, _now, balance_after = _debit(
+        session, user_id, amount, idempotency_key, execution_id, phase_id, reason
+    )
+    if balance_after is not None:
+        return True
+    _already_debited(session, user_id, amount, idempotency_key)
+    return False
+
+
+def _debit(
+    session: Session,
+    user_id: uuid.UUID,
+    amount: int,
+    idempotency_key: str,
+    execution_id: uuid.UUID | None,
+    phase_id: uuid.UUID | None,
+    reason: str | None,
+) -> tuple[uuid.UUID, datetime, int | None]:
+    """The debit's statements: ``(ledger row id, time, balance after)``; the balance is
+    None when nothing was recorded (the key exists, or the balance is short)."""
     if amount <= 0:
         raise ValidationFailed([f"amount: must be positive, got {amount}"], what="debit")
     row_id, now = uuid.uuid4(), utcnow()
@@ -276,41 +330,34 @@ def debit_credits(
         "now": now,
     }
     undo = {"b_user_id": user_id, "b_amount": amount, "b_now": now}
-    if is_postgres(session):
-        debited, recorded = session.execute(_PG_DEBIT, params).one()
+    # Core statements on the session's connection (the ORM's execute path adds nothing
+    # here); what the session holds pending (a new balance row) is flushed first.
+    session.flush()
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        debited, recorded = conn.execute(_PG_DEBIT, params).one()
         if debited is not None and recorded is None:
             # The key was recorded by a racing transaction: give the credits back.
-            session.execute(_UNDO_DECREMENT, undo)
-        balance_after = recorded
-    else:
-        balance_after = session.execute(_SQLITE_RECORD, params).scalar_one_or_none()
-        if balance_after is not None and session.execute(_SQLITE_DECREMENT, undo).rowcount != 1:
-            raise RuntimeError(
-                "debit: the balance changed under the write lock"
-            )  # pragma: no cover
-    if balance_after is not None:
-        row = BalanceTransaction(
-            id=row_id,
-            user_id=user_id,
-            kind=LedgerKind.DEBIT,
-            amount=-amount,
-            balance_after=balance_after,
-            idempotency_key=idempotency_key,
-            execution_id=execution_id,
-            phase_id=phase_id,
-            reason=reason,
-            created_at=now,
-        )
-        return row, True
-    # Nothing recorded: the key exists (a redelivered phase, or a racing debit), or the
-    # balance does not cover the amount.
+            conn.execute(_UNDO_DECREMENT, undo)
+        return row_id, now, recorded
+    balance_after = conn.execute(_SQLITE_RECORD, params).scalar_one_or_none()
+    if balance_after is not None and conn.execute(_SQLITE_DECREMENT, undo).rowcount != 1:
+        raise RuntimeError("debit: the balance changed under the write lock")  # pragma: no cover
+    return row_id, now, balance_after
+
+
+def _already_debited(
+    session: Session, user_id: uuid.UUID, amount: int, idempotency_key: str
+) -> BalanceTransaction:
+    """Nothing was recorded: the key exists (a redelivered phase, or a racing debit), or
+    the balance does not cover the amount (InsufficientCredits)."""
     existing = session.exec(
         select(BalanceTransaction).where(BalanceTransaction.idempotency_key == idempotency_key)
     ).first()
     if existing is not None:
         if existing.user_id != user_id:
             raise Conflict(f"idempotency key {idempotency_key!r} belongs to another user")
-        return existing, False
+        return existing
     raise InsufficientCredits(user_id, amount, get_balance(session=session, user_id=user_id))
 
 

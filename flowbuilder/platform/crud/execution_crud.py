@@ -11,6 +11,7 @@ from sqlmodel import Session, select
 
 from flowbuilder.platform.errors import InvalidTransition, NotFound
 from flowbuilder.platform.models import (
+    ExecutionPhase,
     ExecutionStatus,
     TriggerType,
     WorkflowExecution,
@@ -46,7 +47,10 @@ def create_execution(
     trigger: TriggerType = TriggerType.MANUAL,
     inputs: dict[str, Any] | None = None,
     correlation_id: str | None = None,
+    resend_after_seconds: float | None = None,
 ) -> WorkflowExecution:
+    """A new pending execution. With ``resend_after_seconds``, recorded as sent
+    (:func:`mark_sent`) in the same INSERT rather than an UPDATE after it."""
     execution = WorkflowExecution(
         user_id=user_id,
         workflow_id=workflow_id,
@@ -55,6 +59,8 @@ def create_execution(
         inputs=inputs,
         correlation_id=correlation_id,
     )
+    if resend_after_seconds is not None:
+        mark_sent(execution=execution, resend_after_seconds=resend_after_seconds)
     session.add(execution)
     session.flush()
     return execution
@@ -198,6 +204,77 @@ def acquire_lease(
     return result.rowcount == 1
 
 
+def claim_execution(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> WorkflowExecution | None:
+    """:func:`acquire_lease` and the move to running, in one UPDATE ... RETURNING.
+
+    Takes the lease (counting the attempt), marks a pending execution running (its
+    ``started_at`` set once) and returns the row as updated; None when it was not taken
+    (missing, ended, or a live lease held by another owner)."""
+    now = now or utcnow()
+    stmt = (
+        sa.update(WorkflowExecution)
+        .where(
+            WorkflowExecution.id == execution_id,
+            WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
+            sa.or_(
+                WorkflowExecution.lease_owner.is_(None),
+                WorkflowExecution.lease_owner == owner,
+                WorkflowExecution.lease_expires_at < now,
+            ),
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=WorkflowExecution.attempts + 1,
+            status=ExecutionStatus.RUNNING,
+            started_at=sa.func.coalesce(WorkflowExecution.started_at, now),
+        )
+        .returning(WorkflowExecution)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    return session.scalars(stmt).first()
+
+
+def finish_execution(
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    status: ExecutionStatus,
+    error: str | None,
+    started_at: datetime | None,
+    now: datetime | None = None,
+) -> int:
+    """End a running execution whose lease the caller checked in this transaction (so it
+    is running): the final status, the lease released, and the credits it consumed (the
+    sum of its phases' charges), in one UPDATE. Returns the credits."""
+    if not status.is_terminal:
+        raise ValueError(f"finish_execution: {status.value} is not a final status")
+    now = now or utcnow()
+    values: dict[str, Any] = {
+        "b_id": execution_id,
+        "status": status,
+        "completed_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "duration_ms": (
+            int((now - started_at).total_seconds() * 1000) if started_at is not None else None
+        ),
+    }
+    if error is not None:
+        values["error"] = error[:4000]
+    row = session.connection().execute(_FINISH, values).first()
+    if row is None:
+        raise NotFound("execution", execution_id)
+    return int(row[0])
+
+
 def renew_lease(
     *,
     session: Session,
@@ -206,22 +283,50 @@ def renew_lease(
     lease_seconds: float,
     now: datetime | None = None,
 ) -> tuple[bool, bool]:
-    """Extend ``owner``'s lease. Returns ``(still_held, cancel_requested)`` in one round trip."""
+    """Extend ``owner``'s lease. Returns ``(still_held, cancel_requested)`` in one round trip.
+
+    Runs at the start of every phase's transaction (the fence): the statement is built
+    once and executed on the session's connection, without the ORM."""
     now = now or utcnow()
-    row = session.execute(
-        sa.update(WorkflowExecution)
-        .where(
-            WorkflowExecution.id == execution_id,
-            WorkflowExecution.lease_owner == owner,
-            WorkflowExecution.status == ExecutionStatus.RUNNING,
+    row = (
+        session.connection()
+        .execute(
+            _RENEW_LEASE,
+            {
+                "b_id": execution_id,
+                "b_owner": owner,
+                "b_running": ExecutionStatus.RUNNING,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            },
         )
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(WorkflowExecution.cancel_requested)
-        .execution_options(synchronize_session=False)
-    ).first()
+        .first()
+    )
     if row is None:
         return False, False
     return True, bool(row[0])
+
+
+_EXECUTION = WorkflowExecution.__table__
+_PHASES = ExecutionPhase.__table__
+_FINISH = (
+    sa.update(_EXECUTION)
+    .where(_EXECUTION.c.id == sa.bindparam("b_id"))
+    .values(
+        credits_consumed=sa.select(sa.func.coalesce(sa.func.sum(_PHASES.c.credits_charged), 0))
+        .where(_PHASES.c.execution_id == sa.bindparam("b_id"))
+        .scalar_subquery()
+    )
+    .returning(_EXECUTION.c.credits_consumed)
+)
+_RENEW_LEASE = (
+    sa.update(_EXECUTION)
+    .where(
+        _EXECUTION.c.id == sa.bindparam("b_id"),
+        _EXECUTION.c.lease_owner == sa.bindparam("b_owner"),
+        _EXECUTION.c.status == sa.bindparam("b_running", type_=_EXECUTION.c.status.type),
+    )
+    .returning(_EXECUTION.c.cancel_requested)
+)
 
 
 def release_lease(*, session: Session, execution_id: uuid.UUID, owner: str) -> None:

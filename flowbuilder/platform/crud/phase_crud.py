@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, select
 
 from flowbuilder.platform.errors import InvalidTransition, NotFound
@@ -36,22 +37,51 @@ _ALLOWED: dict[PhaseStatus, frozenset[PhaseStatus]] = {
 def create_phases(
     *, session: Session, execution: WorkflowExecution, planned: Iterable[Any]
 ) -> list[ExecutionPhase]:
-    """Create one phase per planned node (objects with node_id, node_type, number, credits)."""
-    phases = [
-        ExecutionPhase(
-            execution_id=execution.id,
-            user_id=execution.user_id,
-            number=node.number,
-            position=position,
-            node_id=node.node_id,
-            node_type=node.node_type,
-            credits_cost=node.credits,
+    """Create one phase per planned node (objects with node_id, node_type, number, credits)
+    and return them in plan order. :func:`insert_phases` when the objects are not needed."""
+    insert_phases(session=session, execution=execution, planned=planned)
+    return list(
+        session.exec(
+            select(ExecutionPhase)
+            .where(ExecutionPhase.execution_id == execution.id)
+            .order_by(ExecutionPhase.position)
         )
+    )
+
+
+def insert_phases(*, session: Session, execution: WorkflowExecution, planned: Iterable[Any]) -> int:
+    """Insert one phase per planned node in one statement; returns how many.
+
+    The enqueue path: Core rows, no ORM object per phase (building 40 of them and
+    flushing them cost more than the rest of an enqueue)."""
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "execution_id": execution.id,
+            "user_id": execution.user_id,
+            "number": node.number,
+            "position": position,
+            "node_id": node.node_id,
+            "node_type": node.node_type,
+            "status": PhaseStatus.CREATED,
+            "credits_cost": node.credits,
+            "credits_charged": 0,
+            "attempts": 0,
+        }
         for position, node in enumerate(planned)
     ]
-    session.add_all(phases)
-    session.flush()
-    return phases
+    if rows:
+        # The execution's own row may be pending in the session: flush it first.
+        session.flush()
+        # The other columns start NULL (a JSON column given None would store JSON null).
+        session.connection().execute(_INSERT_PHASE, rows)
+    return len(rows)
+
+
+_PHASE = ExecutionPhase.__table__
+_INSERT_PHASE = sa.insert(_PHASE)
+# Built once; the SET clause comes from the parameters given (their keys).
+_UPDATE_PHASE = sa.update(_PHASE).where(_PHASE.c.id == sa.bindparam("b_phase_id"))
 
 
 def list_phases(
@@ -110,6 +140,46 @@ def update_phase(
         phase.credits_charged = credits_charged
     session.add(phase)
     session.flush()
+    return phase
+
+
+def record_phase(
+    *,
+    session: Session,
+    phase: ExecutionPhase,
+    status: PhaseStatus,
+    inputs: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    error: str | None = None,
+    credits_charged: int | None = None,
+    now: datetime | None = None,
+) -> ExecutionPhase:
+    """:func:`update_phase` as one Core UPDATE of the changed columns, for the engine's
+    hot path: ``phase`` may be detached (it is never re-attached or flushed) and is
+    updated in memory to what was written. Same checked transitions."""
+    if status not in _ALLOWED[phase.status]:
+        raise InvalidTransition("phase", phase.id, phase.status, status)
+    now = now or utcnow()
+    values: dict[str, Any] = {"status": status}
+    if status == PhaseStatus.RUNNING:
+        values["started_at"] = now
+        values["attempts"] = phase.attempts + 1
+        if inputs is not None:
+            values["inputs"] = inputs
+    else:
+        values["completed_at"] = now
+        if phase.started_at is not None:
+            values["duration_ms"] = int((now - phase.started_at).total_seconds() * 1000)
+    if outputs is not None:
+        values["outputs"] = outputs
+    if error is not None:
+        values["error"] = error[:4000]
+    if credits_charged is not None:
+        values["credits_charged"] = credits_charged
+    session.connection().execute(_UPDATE_PHASE, {"b_phase_id": phase.id, **values})
+    for key, value in values.items():
+        # Committed values: a phase that is in a session is not flushed a second time.
+        set_committed_value(phase, key, value)
     return phase
 
 

@@ -51,6 +51,18 @@ def get_user(*, session: Session, user_id: uuid.UUID) -> User:
     return user
 
 
+def get_user_and_credits(*, session: Session, user_id: uuid.UUID) -> tuple[User, int]:
+    """The user and their balance (0 without a balance row), in one query."""
+    row = session.exec(
+        select(User, UserBalance.credits)
+        .outerjoin(UserBalance, UserBalance.user_id == User.id)
+        .where(User.id == user_id)
+    ).first()
+    if row is None:
+        raise NotFound("user", user_id)
+    return row[0], int(row[1] or 0)
+
+
 def guest_creation_key(client_key: str) -> str:
     """The rate-limit key for guest creation by ``client_key`` (hashed: keys are bounded
     in length and no client address is stored in clear)."""

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import defer
 from sqlmodel import Session, select
 
 from flowbuilder.platform import cron_schedule
@@ -198,6 +199,30 @@ def get_published_version(*, session: Session, workflow: Workflow) -> WorkflowVe
     if version is None:
         raise NotFound("published version of workflow", workflow.id)
     return version
+
+
+def get_workflow_with_published_version(
+    *, session: Session, workflow_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[Workflow, WorkflowVersion | None]:
+    """The user's workflow and its published version (None if it has none), in one query.
+
+    NotFound for another user's workflow exactly like a missing one."""
+    row = session.exec(
+        select(Workflow, WorkflowVersion)
+        .outerjoin(
+            WorkflowVersion,
+            sa.and_(
+                WorkflowVersion.workflow_id == Workflow.id,
+                WorkflowVersion.version == Workflow.published_version,
+            ),
+        )
+        .where(Workflow.id == workflow_id, Workflow.user_id == user_id)
+        # The draft definition is not what runs (the version's is): loaded only if read.
+        .options(defer(Workflow.definition))
+    ).first()
+    if row is None:
+        raise NotFound("workflow", workflow_id)
+    return row[0], row[1]
 
 
 def get_due_workflows(

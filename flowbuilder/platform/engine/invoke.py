@@ -12,7 +12,7 @@ import structlog
 from sqlmodel import Session
 
 from flowbuilder.platform.engine.lease import Heartbeat
-from flowbuilder.platform.engine.outputs import Unstorable, storable_outputs
+from flowbuilder.platform.engine.outputs import Unstorable, storable_outputs_text
 from flowbuilder.platform.engine.state import RunState, is_time_limit
 from flowbuilder.platform.errors import (
     TransientError,
@@ -74,6 +74,8 @@ def load_credential(s: Session, credential_id: Any, user_id: uuid.UUID) -> Any:
 @dataclass
 class NodeOutcome:
     outputs: dict[str, Any] = field(default_factory=dict)
+    # The outputs' JSON text, made once at the node boundary (None: serialise them).
+    outputs_json: str | None = None
     error: str | None = None
     cancelled: bool = False
     execution_timeout: bool = False
@@ -162,7 +164,7 @@ def _invoke(
         # The node boundary: what the node returned becomes storable here, or the node
         # fails with the reason (never a database write that fails on the data).
         try:
-            result.outputs = storable_outputs(
+            result.outputs, result.outputs_json = storable_outputs_text(
                 result.outputs,
                 max_bytes=settings.PHASE_OUTPUT_MAX_BYTES,
                 max_depth=settings.PHASE_OUTPUT_MAX_DEPTH,
@@ -180,6 +182,7 @@ def _invoke(
         # a node may log or raise with it. Nothing the node produced is stored unredacted.
         forms = credential_forms(credential)
         result.outputs = redact(result.outputs, forms)
+        result.outputs_json = None  # the text is of the unredacted outputs
         result.error = redact(result.error, forms)
         result.logs = [(lvl, redact(msg, forms), ts) for lvl, msg, ts in result.logs]
     return result

@@ -5,8 +5,9 @@ never wedge a run. One iterative pass (:func:`flowbuilder.platform.jsonvalues.ma
 repairs what can be repaired (NUL and lone surrogates in strings and keys become U+FFFD,
 NaN and Infinity become null, other objects their text) and refuses nesting deeper than
 PHASE_OUTPUT_MAX_DEPTH: the node then fails with that reason, refunded per the policy.
-The result is serialised once to measure it; above PHASE_OUTPUT_MAX_BYTES the largest
-values are replaced by a note (``{"_truncated": true, "size_bytes": n}``).
+The result is serialised once to measure it, and that text is what the database stores
+(:class:`~flowbuilder.platform.jsonvalues.SerialisedJSON`); above PHASE_OUTPUT_MAX_BYTES
+the largest values are replaced by a note (``{"_truncated": true, "size_bytes": n}``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any
 
 from flowbuilder.platform.jsonvalues import Unstorable, make_storable
 
-__all__ = ["Unstorable", "storable_outputs"]
+__all__ = ["Unstorable", "storable_outputs", "storable_outputs_text"]
 
 _SEPARATORS = (",", ":")
 
 
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS)
+
+
 def _size(value: Any) -> int:
-    return len(json.dumps(value, ensure_ascii=False, separators=_SEPARATORS).encode())
+    return len(_text(value).encode())
 
 
 def storable_outputs(outputs: Any, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
@@ -30,11 +35,19 @@ def storable_outputs(outputs: Any, *, max_bytes: int, max_depth: int) -> dict[st
 
     Raises :class:`Unstorable` when it cannot be made storable (not an object, too deep).
     """
+    return storable_outputs_text(outputs, max_bytes=max_bytes, max_depth=max_depth)[0]
+
+
+def storable_outputs_text(
+    outputs: Any, *, max_bytes: int, max_depth: int
+) -> tuple[dict[str, Any], str]:
+    """:func:`storable_outputs` and its JSON text (what the database stores)."""
     if not isinstance(outputs, dict):
         raise Unstorable("", f"outputs must be an object, not {type(outputs).__name__}")
     clean: dict[str, Any] = make_storable(outputs, max_depth=max_depth, repair=True)
-    if _size(clean) <= max_bytes:
-        return clean
+    text = _text(clean)
+    if len(text) <= max_bytes // 4 or len(text.encode()) <= max_bytes:
+        return clean, text
     capped: dict[str, Any] = {}
     budget = max_bytes - 32  # room for the "_truncated" marker itself
     omitted = 0
@@ -53,4 +66,4 @@ def storable_outputs(outputs: Any, *, max_bytes: int, max_depth: int) -> dict[st
     capped["_truncated"] = True
     if omitted:
         capped["_omitted_keys"] = omitted
-    return capped
+    return capped, _text(capped)

@@ -23,16 +23,17 @@ time is not the workflow's own time.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, select
 
@@ -53,6 +54,7 @@ from flowbuilder.platform.errors import (
     SecretError,
     TransientError,
 )
+from flowbuilder.platform.jsonvalues import SerialisedJSON
 from flowbuilder.platform.models import (
     ExecutionPhase,
     ExecutionStatus,
@@ -104,31 +106,35 @@ def run_execution(
     owner = owner or f"{uuid.uuid4()}"
     settings = get_settings()
     log = logger.bind(execution_id=str(execution_id))
+    db = _RunConnection(engine)
     try:
-        state_or_result = _claim(engine, execution_id, owner, settings.LEASE_SECONDS)
-        if isinstance(state_or_result, RunResult):
-            log.info("execution_skipped", outcome=state_or_result.outcome.value)
-            return state_or_result
-        state = state_or_result
-        # Every line of the run carries these ids; unbound when the run ends.
-        with structlog.contextvars.bound_contextvars(
-            execution_id=str(state.execution_id),
-            workflow_id=str(state.workflow_id) if state.workflow_id else None,
-            user_id=str(state.user_id),
-        ):
-            heartbeat = Heartbeat(engine, execution_id, owner, settings.LEASE_SECONDS)
-            heartbeat.start()
-            try:
-                result = _run_phases(engine, state, heartbeat, on_phase_started)
-            finally:
-                heartbeat.stop()
-            logger.info(
-                "execution_finished",
-                outcome=result.outcome.value,
-                phases_run=result.phases_run,
-                credits=result.credits,
-                error=result.error,
-            )
+        try:
+            state_or_result = _claim(db, execution_id, owner, settings.LEASE_SECONDS)
+            if isinstance(state_or_result, RunResult):
+                log.info("execution_skipped", outcome=state_or_result.outcome.value)
+                return state_or_result
+            state = state_or_result
+            # Every line of the run carries these ids; unbound when the run ends.
+            with structlog.contextvars.bound_contextvars(
+                execution_id=str(state.execution_id),
+                workflow_id=str(state.workflow_id) if state.workflow_id else None,
+                user_id=str(state.user_id),
+            ):
+                heartbeat = Heartbeat(engine, execution_id, owner, settings.LEASE_SECONDS)
+                heartbeat.start()
+                try:
+                    result = _run_phases(db, state, heartbeat, on_phase_started)
+                finally:
+                    heartbeat.stop()
+                logger.info(
+                    "execution_finished",
+                    outcome=result.outcome.value,
+                    phases_run=result.phases_run,
+                    credits=result.credits,
+                    error=result.error,
+                )
+        finally:
+            db.close()
     except Exception as exc:
         if _is_infrastructure_error(exc):
             release_quietly(engine, execution_id, owner)
@@ -144,6 +150,72 @@ def run_execution(
             raise
         return RunResult(Outcome.FAILED, error=error)
     return result
+
+
+class _RunConnection:
+    """One database connection held for the whole run (the heartbeat thread keeps its own).
+
+    A pool checkout per transaction costs a pre-ping round trip and the pool's own work on
+    every phase. Held, each phase's transaction is BEGIN, its statements, COMMIT. A
+    connection lost between two transactions is noticed by the next one's first statement
+    (the lease fence, before any write): :meth:`fenced` then reconnects once, as the pool's
+    pre-ping would have. Lost in the middle of a transaction, the error reaches
+    run_execution, which maps it to TransientError (the run resumes from its last commit).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+
+    def _connection(self) -> Connection:
+        if self._conn is not None and (self._conn.invalidated or self._conn.closed):
+            self.close()
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        return self._conn
+
+    @contextlib.contextmanager
+    def unit(self) -> Iterator[Session]:
+        """One transaction on the held connection: commit at the end, roll back on error."""
+        session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    @contextlib.contextmanager
+    def fenced(self, state: RunState) -> Iterator[tuple[Session, bool, bool]]:
+        """A transaction that starts with the lease fence: ``(session, held, cancel)``."""
+        for attempt in range(2):
+            session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
+            try:
+                held, cancel = renew(session, state)
+                break
+            except DBAPIError as exc:
+                with contextlib.suppress(Exception):
+                    session.close()
+                if attempt or not exc.connection_invalidated:
+                    raise
+                logger.info("run_connection_replaced", error=_describe_db_error(exc))
+                self.close()
+        try:
+            yield session, held, cancel
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # an invalidated connection: nothing to do
+                conn.close()
 
 
 def _fail_quietly(engine: Engine, execution_id: uuid.UUID, owner: str, error: str) -> bool:
@@ -196,20 +268,22 @@ def _abandon(s: Session, execution: WorkflowExecution, error: str) -> None:
 
 
 def _claim(
-    engine: Engine, execution_id: uuid.UUID, owner: str, lease: float
+    db: _RunConnection, execution_id: uuid.UUID, owner: str, lease: float
 ) -> RunState | RunResult:
     from flowbuilder.platform.plan import ExecutionPlan
 
-    with unit_of_work(engine) as s:
-        execution = s.get(WorkflowExecution, execution_id)
-        if execution is None:
-            return RunResult(Outcome.MISSING, error="no such execution")
-        if execution.status.is_terminal:
-            return RunResult(Outcome.ALREADY_DONE)
-        if not execution_crud.acquire_lease(
+    with db.unit() as s:
+        # One statement on the common path: the lease taken, the execution marked running
+        # and its row read back. Why it was not taken is read only when it was not.
+        execution = execution_crud.claim_execution(
             session=s, execution_id=execution_id, owner=owner, lease_seconds=lease
-        ):
-            s.refresh(execution)
+        )
+        if execution is None:
+            execution = s.get(WorkflowExecution, execution_id)
+            if execution is None:
+                return RunResult(Outcome.MISSING, error="no such execution")
+            if execution.status.is_terminal:
+                return RunResult(Outcome.ALREADY_DONE)
             remaining = lease
             if execution.lease_expires_at is not None:
                 remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
@@ -219,7 +293,6 @@ def _claim(
                     # Past every run's bound: do not come back (see _exhausted).
                     remaining = 0.0
             return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
-        s.refresh(execution)
         settings = get_settings()
         ended = _exhausted(execution, settings)
         if ended is not None:
@@ -242,10 +315,6 @@ def _claim(
                 PhaseStatus.SKIPPED,
             )
             return RunResult(Outcome.FAILED, error="workflow version missing")
-        if execution.status == ExecutionStatus.PENDING:
-            execution_crud.update_execution_status(
-                session=s, execution_id=execution.id, status=ExecutionStatus.RUNNING
-            )
         phases = list(
             s.exec(
                 select(ExecutionPhase)
@@ -273,7 +342,13 @@ def _claim(
             deadline=time.monotonic() + budget,
             plan=ExecutionPlan.from_dict(version.plan),
             phases=phases,
-            next_seq=log_crud.next_log_seq(session=s, execution_id=execution.id),
+            # Logs are written only with a phase's end: none yet if no phase has ended.
+            next_seq=(
+                log_crud.next_log_seq(session=s, execution_id=execution.id)
+                if any(p.status not in _OPEN_PHASE for p in phases)
+                else 1
+            ),
+            started_at=execution.started_at,
         )
         for phase in phases:
             if phase.status == PhaseStatus.COMPLETED:
@@ -326,7 +401,7 @@ def _finish(
 
 
 def _run_phases(
-    engine: Engine,
+    db: _RunConnection,
     state: RunState,
     heartbeat: Heartbeat,
     on_phase_started: Callable[[ExecutionPhase], None] | None,
@@ -349,11 +424,11 @@ def _run_phases(
     previous: _GroupRun | None = None
     for group in [*groups, None]:
         try:
-            step = _step(engine, state, heartbeat, group, previous, planned, settings)
+            step = _step(db, state, heartbeat, group, previous, planned, settings)
         except Exception as exc:
             if not _is_data_error(exc):
                 raise
-            return _fail_on_data_error(engine, state, previous, exc)
+            return _fail_on_data_error(db, state, previous, exc)
         if isinstance(step, RunResult):
             return step
         current = step
@@ -368,7 +443,7 @@ def _run_phases(
 
 
 def _step(
-    engine: Engine,
+    db: _RunConnection,
     state: RunState,
     heartbeat: Heartbeat,
     group: list[ExecutionPhase] | None,
@@ -377,8 +452,7 @@ def _step(
     settings: Any,
 ) -> _GroupRun | RunResult:
     """One transaction: record ``previous``, start ``group`` (or end the run)."""
-    with unit_of_work(engine) as s:
-        held, cancel = renew(s, state)
+    with db.fenced(state) as (s, held, cancel):
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
         if previous is not None:
@@ -393,13 +467,12 @@ def _step(
             return _fail_run(s, state, _timeout_message(settings))
         current = _GroupRun()
         for phase in group:
-            s.add(phase)
             try:
                 current.inputs[phase.id] = state.plan.resolve_inputs(
-                    phase.node_id, state.outputs_by_node
+                    phase.node_id, state.outputs_by_node, hand_over_sole=True
                 )
             except FlowBuilderError as exc:  # a required input upstream did not produce
-                phase_crud.update_phase(
+                phase_crud.record_phase(
                     session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
                 )
                 current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
@@ -421,7 +494,7 @@ def _step(
 
 
 def _fail_on_data_error(
-    engine: Engine, state: RunState, previous: _GroupRun | None, exc: BaseException
+    db: _RunConnection, state: RunState, previous: _GroupRun | None, exc: BaseException
 ) -> RunResult:
     """The database refused what a phase would store (the data, not the connection).
 
@@ -430,15 +503,15 @@ def _fail_on_data_error(
     does the run."""
     reason = f"its results could not be stored ({_describe_db_error(exc)})"
     logger.warning("phase_results_unstorable", error=_describe_db_error(exc))
-    with unit_of_work(engine) as s:
-        held, _cancel = renew(s, state)
+    with db.fenced(state) as (s, held, _cancel):
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
         settings = get_settings()
         error = f"execution failed: {reason}"
         if previous is not None and previous.started:
-            for phase, _node, _credential in previous.started:
-                s.add(phase)
+            for started, _node, _credential in previous.started:
+                # As committed: the refused transaction changed the objects in memory.
+                phase = s.get(ExecutionPhase, started.id, populate_existing=True)
                 outcome = NodeOutcome(error=reason)
                 _record_failure(s, state, phase, outcome, settings.REFUND_FAILED_PHASES)
             phase = previous.started[0][0]
@@ -464,7 +537,6 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
     failure: str | None = None
     cancelled = False
     for (phase, _node, _credential), outcome in zip(run.started, run.outcomes, strict=True):
-        s.add(phase)
         state.next_seq = log_crud.append_logs(
             session=s,
             execution_id=state.execution_id,
@@ -474,7 +546,10 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
         )
         if outcome.error is None:
             outputs = outcome.outputs  # made storable at the node boundary (invoke)
-            phase_crud.update_phase(
+            if outcome.outputs_json is not None:
+                # Stored as the text made at the boundary, not serialised a second time.
+                outputs = SerialisedJSON(outputs, outcome.outputs_json)
+            phase_crud.record_phase(
                 session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
             )
             state.outputs_by_node[phase.node_id] = outputs
@@ -495,25 +570,37 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
     return None
 
 
+def _end_fenced(
+    s: Session,
+    state: RunState,
+    status: ExecutionStatus,
+    error: str | None,
+    open_phases: PhaseStatus,
+) -> int:
+    """:func:`_finish` inside a fenced transaction (the lease check in it proved the
+    execution running and ours): two Core statements, no ORM load. Returns the credits."""
+    phase_crud.close_open_phases(session=s, execution_id=state.execution_id, status=open_phases)
+    return execution_crud.finish_execution(
+        session=s,
+        execution_id=state.execution_id,
+        status=status,
+        error=error,
+        started_at=state.started_at,
+    )
+
+
 def _fail_run(s: Session, state: RunState, error: str) -> RunResult:
-    _finish(s, state.execution_id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
+    _end_fenced(s, state, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
     return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
 
 
 def _complete(s: Session, state: RunState) -> RunResult:
-    _finish(s, state.execution_id, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
-    credits = s.get(WorkflowExecution, state.execution_id).credits_consumed
+    credits = _end_fenced(s, state, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
     return RunResult(Outcome.COMPLETED, phases_run=state.phases_run, credits=credits)
 
 
 def _cancel_run(s: Session, state: RunState) -> RunResult:
-    _finish(
-        s,
-        state.execution_id,
-        ExecutionStatus.CANCELLED,
-        "cancelled by the user",
-        PhaseStatus.CANCELLED,
-    )
+    _end_fenced(s, state, ExecutionStatus.CANCELLED, "cancelled by the user", PhaseStatus.CANCELLED)
     return RunResult(Outcome.CANCELLED, phases_run=state.phases_run)
 
 
@@ -543,7 +630,7 @@ def _start_phase(
             run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
     if error is None and phase.credits_cost > 0:
         try:
-            balance_crud.debit_credits(
+            balance_crud.debit_once(
                 session=s,
                 user_id=state.user_id,
                 amount=phase.credits_cost,
@@ -555,9 +642,9 @@ def _start_phase(
         except InsufficientCredits as exc:
             error = run_error = str(exc)
     if error is not None:
-        phase_crud.update_phase(session=s, phase=phase, status=PhaseStatus.FAILED, error=error)
+        phase_crud.record_phase(session=s, phase=phase, status=PhaseStatus.FAILED, error=error)
         return run_error
-    phase_crud.update_phase(
+    phase_crud.record_phase(
         session=s,
         phase=phase,
         status=PhaseStatus.RUNNING,
@@ -583,7 +670,7 @@ def _record_failure(
             phase_id=phase.id,
             reason=f"{status.value} phase {phase.node_id}",
         )
-    phase_crud.update_phase(
+    phase_crud.record_phase(
         session=s,
         phase=phase,
         status=status,

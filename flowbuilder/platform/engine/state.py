@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -44,6 +45,8 @@ class RunState:
     outputs_by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_seq: int = 1
     phases_run: int = 0
+    # When the execution first started (set by the claim): for its duration at the end.
+    started_at: datetime | None = None
 
 
 # Exception types that mean "the worker's time limit struck" (Celery's

@@ -1,0 +1,140 @@
+"""One database connection held for the whole run: a connection lost between two phases
+is replaced at the next fence and the run goes on; one lost inside a phase's transaction
+is an infrastructure failure (TransientError) and the run resumes from its last commit.
+PostgreSQL only: the connection is cut with pg_terminate_backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from flowbuilder.platform.crud import balance_crud, phase_crud
+from flowbuilder.platform.engine import Outcome, prepare_execution, run_execution
+from flowbuilder.platform.engine import run as run_module
+from flowbuilder.platform.errors import TransientError
+from flowbuilder.platform.models import ExecutionStatus, PhaseStatus, WorkflowExecution
+from flowbuilder.platform.nodes import register_node_type, unregister_node_type
+from flowbuilder.platform.nodes.base import NodeType, PortSpec
+from tests.factories import make_user, make_workflow
+
+_cut: dict[str, Any] = {}
+
+
+def _cutter(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Cuts every other connection to the test database while the node runs (between
+    two transactions of the run), once per key."""
+    if inputs["key"] in _cut and not _cut[inputs["key"]]["done"]:
+        _cut[inputs["key"]]["done"] = True
+        _terminate_others(_cut[inputs["key"]]["engine"])
+    return {"value": inputs["key"]}
+
+
+def _terminate_others(engine: sa.Engine) -> int:
+    # A fresh connection outside the pool, so that it is not one of those cut.
+    with engine.pool._creator() as raw:  # type: ignore[attr-defined]
+        cur = raw.cursor()
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return int(cur.fetchone()[0])
+
+
+@pytest.fixture(autouse=True)
+def _node():
+    register_node_type(
+        NodeType(
+            type="test_cutter",
+            run=_cutter,
+            inputs={"key": PortSpec("string", required=True), "after": PortSpec("any")},
+            outputs={"value": PortSpec("any")},
+            credits=1,
+        ),
+        replace=True,
+    )
+    yield
+    unregister_node_type("test_cutter")
+
+
+def _chain(key: str, phases: int) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "nodes": [
+            {"id": f"c{i}", "type": "test_cutter", "inputs": {"key": key}} for i in range(phases)
+        ],
+        "edges": [
+            {
+                "source": f"c{i - 1}",
+                "sourceHandle": "value",
+                "target": f"c{i}",
+                "targetHandle": "after",
+            }
+            for i in range(1, phases)
+        ],
+    }
+
+
+def _prepare(session: Session, key: str, phases: int = 3):
+    user = make_user(session, credits=100)
+    wf = make_workflow(session, user, definition=_chain(key, phases), publish=True)
+    session.commit()
+    ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    return user, ex
+
+
+def _check_completed(session: Session, user: Any, ex: Any, phases: int) -> None:
+    session.rollback()
+    session.expire_all()
+    row = session.get(WorkflowExecution, ex.id)
+    assert row.status == ExecutionStatus.COMPLETED and row.credits_consumed == phases
+    listed = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in listed] == [PhaseStatus.COMPLETED] * phases
+    # Each phase debited exactly once, whatever was retried.
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 100 - phases
+    assert balance_crud.ledger_total(session=session, user_id=user.id) == 100 - phases
+
+
+@pytest.fixture
+def pg_only(engine: sa.Engine) -> sa.Engine:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("pg_terminate_backend is PostgreSQL's")
+    return engine
+
+
+def test_connection_lost_between_phases_is_replaced_at_the_fence(pg_only, session) -> None:
+    key = "between"
+    _cut[key] = {"done": False, "engine": pg_only}
+    user, ex = _prepare(session, key)
+    result = run_execution(ex.id)
+    assert _cut[key]["done"]
+    assert result.outcome == Outcome.COMPLETED, result
+    _check_completed(session, user, ex, 3)
+
+
+def test_connection_lost_inside_a_transaction_is_transient_and_resumes(
+    pg_only, session, monkeypatch
+) -> None:
+    key = "inside"
+    user, ex = _prepare(session, key)
+    real = run_module._record_group
+    calls = {"n": 0}
+
+    def cut_then_record(s, state, run, settings):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second phase's results, after the fence: mid-transaction
+            _terminate_others(pg_only)
+        return real(s, state, run, settings)
+
+    monkeypatch.setattr(run_module, "_record_group", cut_then_record)
+    with pytest.raises(TransientError):
+        run_execution(ex.id)
+    monkeypatch.setattr(run_module, "_record_group", real)
+    session.rollback()
+    session.expire_all()
+    assert session.get(WorkflowExecution, ex.id).lease_owner is None  # released
+    assert run_execution(ex.id).outcome == Outcome.COMPLETED
+    _check_completed(session, user, ex, 3)
