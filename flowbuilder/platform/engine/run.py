@@ -246,23 +246,14 @@ def _abandon(s: Session, execution: WorkflowExecution, error: str) -> None:
         )
     ).all()
     for phase in running:
-        refunded = refund and phase.credits_charged > 0
-        if refunded:
-            balance_crud.refund_credits(
-                session=s,
-                user_id=execution.user_id,
-                amount=phase.credits_charged,
-                idempotency_key=f"refund:{phase.id}",
-                execution_id=execution.id,
-                phase_id=phase.id,
-                reason=f"failed phase {phase.node_id}",
-            )
-        phase_crud.update_phase(
-            session=s,
+        _close_charged_phase(
+            s,
+            user_id=execution.user_id,
+            execution_id=execution.id,
             phase=phase,
             status=PhaseStatus.FAILED,
             error="interrupted: the run ended before this phase finished",
-            credits_charged=0 if refunded else None,
+            refund=refund,
         )
     _finish(s, execution.id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
 
@@ -658,15 +649,37 @@ def _start_phase(
 def _record_failure(
     s: Session, state: RunState, phase: ExecutionPhase, outcome: NodeOutcome, refund: bool
 ) -> None:
-    status = PhaseStatus.CANCELLED if outcome.cancelled else PhaseStatus.FAILED
+    _close_charged_phase(
+        s,
+        user_id=state.user_id,
+        execution_id=state.execution_id,
+        phase=phase,
+        status=PhaseStatus.CANCELLED if outcome.cancelled else PhaseStatus.FAILED,
+        error=outcome.error,
+        refund=refund,
+    )
+
+
+def _close_charged_phase(
+    s: Session,
+    *,
+    user_id: uuid.UUID,
+    execution_id: uuid.UUID,
+    phase: ExecutionPhase,
+    status: PhaseStatus,
+    error: str | None,
+    refund: bool,
+) -> None:
+    """End a phase that did not produce a result (failed, cancelled, interrupted): its
+    debit is refunded when the policy says so (idempotent key ``refund:<phase id>``)."""
     refunded = refund and phase.credits_charged > 0
     if refunded:
         balance_crud.refund_credits(
             session=s,
-            user_id=state.user_id,
+            user_id=user_id,
             amount=phase.credits_charged,
             idempotency_key=f"refund:{phase.id}",
-            execution_id=state.execution_id,
+            execution_id=execution_id,
             phase_id=phase.id,
             reason=f"{status.value} phase {phase.node_id}",
         )
@@ -674,7 +687,7 @@ def _record_failure(
         session=s,
         phase=phase,
         status=status,
-        error=outcome.error,
+        error=error,
         credits_charged=0 if refunded else None,
     )
 
