@@ -80,6 +80,11 @@ class SecretError(FlowBuilderError):
     """A secret could not be stored, decrypted or retrieved. Never carries the value."""
 
 
+class SecretsUnavailable(SecretError, TransientError):
+    """The secrets backend could not be reached or asked us to slow down: trying again
+    later may succeed (a worker retries the run instead of failing it)."""
+
+
 # --- node errors ------------------------------------------------------------------------
 # Raised by node types and by the outbound HTTP guard (``ssrf``). They live here, not in
 # ``nodes.base`` (which re-exports them), so that ``ssrf`` needs nothing from the

@@ -36,13 +36,21 @@ from typing import Any
 import boto3
 import structlog
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ParamValidationError,
+    ReadTimeoutError,
+)
 from pydantic import SecretStr
 from sqlmodel import Session
 
 from flowbuilder.platform import db_secrets
 from flowbuilder.platform.crypto import DatabaseSecretManager
-from flowbuilder.platform.errors import NotFound, SecretError, ValidationFailed
+from flowbuilder.platform.errors import NotFound, SecretError, SecretsUnavailable, ValidationFailed
 from flowbuilder.platform.settings import get_settings
 from flowbuilder.platform.text import unencodable_problem
 
@@ -179,11 +187,38 @@ def secrets_manager_client(region: str | None = None) -> Any:
     return _client(region or settings.AWS_REGION, settings.SECRETS_MANAGER_ENDPOINT_URL)
 
 
+# Answers that say "not now" rather than "no": throttling and the service's own faults.
+_RETRYABLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "InternalServiceError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+    }
+)
+
+
+_UNREACHABLE = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
+
+
 def _aws_error(operation: str, exc: Exception) -> SecretError:
+    """SecretError naming the operation and the error code, never a value. An outage or
+    throttling is SecretsUnavailable (also a TransientError): a run retries it later."""
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "Unknown")
-        return SecretError(f"secrets manager {operation} failed: {code}")
-    return SecretError(f"secrets manager {operation} failed: {type(exc).__name__}")
+        kind = SecretsUnavailable if code in _RETRYABLE_CODES else SecretError
+        return kind(f"secrets manager {operation} failed: {code}")
+    kind = SecretsUnavailable if isinstance(exc, _UNREACHABLE) else SecretError
+    return kind(f"secrets manager {operation} failed: {type(exc).__name__}")
 
 
 def _is_not_found(exc: Exception) -> bool:

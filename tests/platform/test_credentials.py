@@ -353,3 +353,61 @@ def test_a_run_whose_credential_ciphertext_was_moved_fails_cleanly(
     assert "could not be read" in row.error and "failed authentication" in row.error
     assert "bob-tok-9f" not in row.error
     assert balance_crud.get_balance(session=session, user_id=alice.id) == 10
+
+
+def test_a_run_whose_secrets_backend_is_unreachable_retries_then_completes(
+    engine, session: Session, moto_reset: str
+) -> None:
+    """Secrets Manager down while a run loads its credential: an outage, not the run's
+    fault. The run raises TransientError (the task retries it), charges nothing, keeps no
+    lease, and completes once the endpoint answers again."""
+    from flowbuilder.platform import engine as runner
+    from flowbuilder.platform.crud import balance_crud
+    from flowbuilder.platform.errors import SecretsUnavailable, TransientError
+    from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution
+    from tests.factories import make_workflow
+    from tests.platform._http_server import local_server
+
+    with (
+        local_server() as server,
+        override_settings(
+            USE_DB_SECRETS=False,
+            SECRETS_MANAGER_ENDPOINT_URL=moto_reset,
+            OUTBOUND_ALLOWLIST=["127.0.0.1"],
+        ),
+    ):
+        server.route("/ok", body=b'{"ok": true}', headers={"Content-Type": "application/json"})
+        user = make_user(session, credits=10)
+        credential = _create(session, user.id, secret_value="aws-held-key-7d")
+        definition = {
+            "version": 1,
+            "nodes": [
+                {
+                    "id": "call",
+                    "type": "http_request",
+                    "inputs": {"url": server.url("/ok")},
+                    "credential_id": str(credential.id),
+                }
+            ],
+            "edges": [],
+        }
+        workflow = make_workflow(session, user, definition=definition, publish=True)
+        execution = runner.prepare_execution(
+            session=session, workflow_id=workflow.id, user_id=user.id
+        )
+        session.commit()
+        with override_settings(SECRETS_MANAGER_ENDPOINT_URL=_closed_port_url()):
+            with pytest.raises(TransientError) as raised:
+                runner.run_execution(execution.id)
+            assert isinstance(raised.value, SecretsUnavailable)
+        session.expire_all()
+        row = session.get(WorkflowExecution, execution.id)
+        assert row.status != ExecutionStatus.FAILED and row.lease_owner is None
+        assert balance_crud.get_balance(session=session, user_id=user.id) == 10
+        assert server.requests == []  # the node never ran without its credential
+        result = runner.run_execution(execution.id)
+        assert [r.path for r in server.requests] == ["/ok"]
+    assert result.outcome == runner.Outcome.COMPLETED, result.error
+    assert result.credits > 0  # charged once, for the attempt that ran
+    session.commit()  # end this session's read snapshot (SQLite)
+    assert balance_crud.get_balance(session=session, user_id=user.id) == 10 - result.credits

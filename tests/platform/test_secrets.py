@@ -20,7 +20,13 @@ from sqlmodel import Session, select
 
 from flowbuilder.platform import crypto, db, db_secrets, secrets
 from flowbuilder.platform.crypto import DatabaseSecretManager
-from flowbuilder.platform.errors import Conflict, NotFound, SecretError, ValidationFailed
+from flowbuilder.platform.errors import (
+    Conflict,
+    NotFound,
+    SecretError,
+    SecretsUnavailable,
+    ValidationFailed,
+)
 from flowbuilder.platform.models import DatabaseSecret
 from flowbuilder.platform.settings import get_settings, override_settings
 from tests.factories import make_user
@@ -245,6 +251,8 @@ def test_aws_unreachable_endpoint_raises_secret_error(session: Session, aws: str
         with pytest.raises(SecretError) as created:
             secrets.create_secret(session, "k2", "unreachable-value-xyz", user.id)
         assert "create_secret failed: EndpointConnectionError" in str(created.value)
+        # An outage, not a refusal: callers may retry it (a worker retries the run).
+        assert isinstance(created.value, SecretsUnavailable)
         assert "unreachable-value-xyz" not in repr(created.value)
         assert isinstance(created.value.__cause__, Exception)
         with pytest.raises(SecretError, match="describe_secret failed"):

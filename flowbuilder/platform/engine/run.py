@@ -139,6 +139,9 @@ def run_execution(
         if _is_infrastructure_error(exc):
             release_quietly(engine, execution_id, owner)
             raise TransientError(f"database unavailable while running {execution_id}") from exc
+        if isinstance(exc, TransientError):  # e.g. the secrets backend is unreachable
+            release_quietly(engine, execution_id, owner)
+            raise
         # Anything else would fail the same way on every redelivery: the run ends here,
         # failed with the reason, instead of waiting for the sweep to revive it.
         if is_time_limit(exc):
@@ -614,6 +617,10 @@ def _start_phase(
             error = f"credential {node.credential_id} is no longer available"
             run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
         except SecretError as exc:
+            if isinstance(exc, TransientError):
+                # The backend is unreachable or throttling: not the run's fault. The task
+                # retries the run from its last commit (bounded by its attempts).
+                raise
             # It cannot be read (a ciphertext moved from another row, a key no longer
             # configured, the backend refusing): retrying would fail the same way, so the
             # run ends here, charged nothing. SecretError messages never carry the value.
