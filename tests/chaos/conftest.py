@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,8 +33,6 @@ from tests.tasks.conftest import (  # noqa: F401 - fixtures shared with the work
     worker_env,
     worker_settings,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -73,34 +69,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 class ChaosWorker(WorkerProcess):
     """A worker that also loads the test-only crash node (``--include``)."""
 
-    def __init__(self, settings: Any, log_path: Path, **extra_env: Any) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = worker_env(settings, **extra_env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "flowbuilder.tasks",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--include=tests.chaos.crash_node",
-                f"--hostname=chaos{uuid.uuid4().hex[:6]}@%h",
-            ],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
+    extra_args = ("--include=tests.chaos.crash_node",)
+    hostname_prefix = "chaos"
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -27,6 +27,8 @@ from flowbuilder.platform import db
 from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks.app import app, configure, ensure_execution_queues
 
+ROOT = Path(__file__).resolve().parents[2]
+
 # Short clocks so crash-and-redelivery tests finish in seconds. The visibility timeout
 # stays above the execution budget, as in production.
 WORKER_SETTINGS = {
@@ -95,9 +97,16 @@ def worker_env(settings: Any, **extra: Any) -> dict[str, str]:
 class WorkerProcess:
     """`celery -A flowbuilder.tasks worker` in its own process group."""
 
+    # Subclasses add worker options (e.g. ``--include`` of a test-only module).
+    extra_args: tuple[str, ...] = ()
+    hostname_prefix = "w"
+
     def __init__(self, settings: Any, log_path: Path, **extra_env: Any) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = worker_env(settings, **extra_env)
+        # The repository root on the path, so test-only modules can be included.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -112,12 +121,14 @@ class WorkerProcess:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
-                f"--hostname=w{uuid.uuid4().hex[:6]}@%h",
+                *self.extra_args,
+                f"--hostname={self.hostname_prefix}{uuid.uuid4().hex[:6]}@%h",
             ],
-            env=worker_env(settings, **extra_env),
+            env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=ROOT,
         )
 
     def text(self) -> str:
