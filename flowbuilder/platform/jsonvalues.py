@@ -162,7 +162,17 @@ def _storable_key(key: Any, repair: bool, trail: Any) -> str:
     if not isinstance(key, str):
         if not repair:
             raise Unstorable(_trail_path(trail), f"key {key!r} is not a string")
-        key = str(key)
+        # JSON's own spelling (what json.dumps writes for these keys), so outputs made
+        # storable here and by the engine's JSON round trip agree.
+        key = (
+            "true"
+            if key is True
+            else "false"
+            if key is False
+            else "null"
+            if key is None
+            else str(key)
+        )
     if (reason := bad_string_reason(key)) is not None:
         if not repair:
             raise Unstorable(_trail_path(trail), f"a key {reason}")

@@ -7,6 +7,7 @@ task tolerates being delivered more than once.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 from urllib.parse import urlsplit
@@ -253,6 +254,22 @@ def _on_cli_start(**_: Any) -> None:
 def _after_fork(**_: Any) -> None:
     # Never share a pooled connection with the parent process.
     db.dispose_engines_after_fork()
+    _freeze_startup_objects()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    _freeze_startup_objects()  # the main process, whose one loop serves every child
+
+
+def _freeze_startup_objects() -> None:
+    """Move what exists once the process is set up (modules, the app, the node registry:
+    about 180,000 objects) out of the cyclic garbage collector's reach. A run allocates
+    enough (a phase's outputs are thousands of objects) to set off full collections,
+    and each of those otherwise walks all of them again: measured, ~2 ms of a 14 ms
+    phase passing 122 KB (benchmarks/results/). Objects made later are collected as
+    usual; startup objects that die later are simply not reclaimed (there are few)."""
+    gc.freeze()
 
 
 @signals.task_prerun.connect

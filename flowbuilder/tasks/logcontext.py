@@ -13,6 +13,7 @@ picks them up with ``ExtraAdder`` (``flowbuilder.platform.logging``).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -39,27 +40,98 @@ _lock = threading.Lock()
 _LOOKUP_PAUSE_SECONDS = 30.0
 _lookups_paused_until = 0.0
 
+# The main process reads an execution's owner ids for every message it receives, inside
+# the one event loop that also receives, dispatches and acknowledges for all the pool's
+# children: a pooled session there costs a checkout, a pre-ping, BEGIN, the read and the
+# reset (about 2 ms, a tenth of the loop's time under load). So the read runs on one
+# connection held in autocommit (one round trip), built once, per process and engine
+# (PostgreSQL; SQLite opens its local file per read).
+_held: tuple[int, Any, Any] | None = None  # (pid, engine, connection)
+# Connections inherited through fork are never used nor closed in the child (closing
+# would end the parent's session on the shared socket): they are only kept referenced.
+_inherited: list[Any] = []
+_OWNER_IDS = None
+
+
+def _owner_statement() -> Any:
+    global _OWNER_IDS
+    if _OWNER_IDS is None:
+        from sqlalchemy import bindparam, select
+
+        from flowbuilder.platform.models import WorkflowExecution
+
+        _OWNER_IDS = select(WorkflowExecution.workflow_id, WorkflowExecution.user_id).where(
+            WorkflowExecution.id == bindparam("id")
+        )
+    return _OWNER_IDS
+
+
+def _connection() -> Any:
+    """The held connection of this process for the current engine (opened if needed)."""
+    global _held
+    from flowbuilder.platform.db import get_engine
+
+    engine = get_engine()
+    if _held is not None:
+        pid, held_engine, conn = _held
+        if pid == os.getpid() and held_engine is engine:
+            return conn
+        _held = None
+        if pid == os.getpid():
+            _close_quietly(conn)  # the engine changed (settings reloaded)
+        else:
+            _inherited.append(conn)
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    _held = (os.getpid(), engine, conn)
+    return conn
+
+
+def _read_owner(execution_id: uuid.UUID) -> Any:
+    from flowbuilder.platform.db import get_engine
+
+    engine = get_engine()
+    if engine.dialect.name == "sqlite":
+        # Our SQLite transactions begin IMMEDIATE (a write lock): a held connection would
+        # hold it. A local file needs no held connection anyway.
+        with engine.connect() as conn:
+            return conn.execute(_owner_statement(), {"id": execution_id}).first()
+    return _connection().execute(_owner_statement(), {"id": execution_id}).first()
+
+
+def _drop_connection() -> None:
+    global _held
+    if _held is not None and _held[0] == os.getpid():
+        _close_quietly(_held[2])
+    elif _held is not None:
+        _inherited.append(_held[2])
+    _held = None
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.invalidate()
+        conn.close()
+    except Exception:  # noqa: BLE001, S110 - a broken connection is being thrown away
+        pass
+
 
 def _owner_ids(execution_id: str) -> dict[str, str]:
     """The workflow and user ids of an execution (one primary-key read), or nothing."""
     global _lookups_paused_until
     if time.monotonic() < _lookups_paused_until:
         return {}
-    try:
-        from sqlmodel import Session, select
-
-        from flowbuilder.platform.db import get_engine
-        from flowbuilder.platform.models import WorkflowExecution
-
-        with Session(get_engine()) as session:
-            row = session.exec(
-                select(WorkflowExecution.workflow_id, WorkflowExecution.user_id).where(
-                    WorkflowExecution.id == uuid.UUID(execution_id)
-                )
-            ).first()
-    except Exception:  # noqa: BLE001 - log context only; the task reports real errors
-        _lookups_paused_until = time.monotonic() + _LOOKUP_PAUSE_SECONDS
-        return {}
+    row = None
+    # A held connection may have died since its last use (database restarted): one
+    # retry on a fresh connection, then a pause.
+    for attempt in (1, 2):
+        try:
+            row = _read_owner(uuid.UUID(execution_id))
+            break
+        except Exception:  # noqa: BLE001 - log context only; the task reports real errors
+            _drop_connection()
+            if attempt == 2:
+                _lookups_paused_until = time.monotonic() + _LOOKUP_PAUSE_SECONDS
+                return {}
     if row is None:
         return {}
     return {k: str(v) for k, v in zip(("workflow_id", "user_id"), row, strict=True) if v}

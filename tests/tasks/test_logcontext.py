@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 import structlog
 from celery.app import trace
 
@@ -135,3 +137,47 @@ def test_the_main_process_hands_its_context_to_the_child_and_a_forged_one_is_rep
     passed = logcontext.passed_context(child)
     assert passed == {"execution_id": execution_id, "correlation_id": "corr-passed"}
     assert logcontext.passed_context(_ChildRequest()) is None
+
+
+def test_the_owner_lookup_holds_one_connection_and_survives_losing_it(
+    session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main process reads an execution's ids on a held autocommit connection: it sees
+    rows committed after it was opened, and a connection killed on the server is replaced
+    at the next lookup (no pause, the ids still come)."""
+    from flowbuilder.platform import engine as runner
+    from tests.factories import json_definition, make_user, make_workflow
+
+    user = make_user(session, credits=100)
+    workflow = make_workflow(session, user, definition=json_definition(1), publish=True)
+    session.commit()
+
+    def new_execution() -> str:
+        ex = runner.prepare_execution(session=session, workflow_id=workflow.id, user_id=user.id)
+        session.commit()
+        return str(ex.id)
+
+    expected = {"workflow_id": str(workflow.id), "user_id": str(user.id)}
+    logcontext._drop_connection()
+    # An earlier lookup without a database may have paused them.
+    monkeypatch.setattr(logcontext, "_lookups_paused_until", 0.0)
+    assert logcontext._owner_ids(new_execution()) == expected
+    if session.get_bind().dialect.name == "sqlite":
+        # No held connection there (it would hold SQLite's write lock), and no lock left.
+        assert logcontext._held is None
+        assert logcontext._owner_ids(new_execution()) == expected
+        return
+    held = logcontext._held
+    assert held is not None
+    # Committed after the connection was opened: still seen (autocommit, no snapshot).
+    assert logcontext._owner_ids(new_execution()) == expected
+    assert logcontext._held is held
+    assert logcontext._owner_ids(str(uuid.uuid4())) == {}
+
+    pid = held[2].exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    session.exec(sa.text("SELECT pg_terminate_backend(:pid)").bindparams(pid=pid))
+    session.commit()
+    assert logcontext._owner_ids(new_execution()) == expected
+    assert logcontext._held is not held
+    assert logcontext._lookups_paused_until < time.monotonic()
+    logcontext._drop_connection()

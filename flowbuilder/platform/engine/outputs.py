@@ -1,7 +1,8 @@
 """Node outputs made storable: the boundary between what a node returns and the database.
 
 A node's outputs come from the outside world (an HTTP body, a webhook's JSON) and must
-never wedge a run. One iterative pass (:func:`flowbuilder.platform.jsonvalues.make_storable`)
+never wedge a run. Outputs that need nothing are copied by a JSON round trip in C;
+otherwise one iterative pass (:func:`flowbuilder.platform.jsonvalues.make_storable`)
 repairs what can be repaired (NUL and lone surrogates in strings and keys become U+FFFD,
 NaN and Infinity become null, other objects their text) and refuses nesting deeper than
 PHASE_OUTPUT_MAX_DEPTH: the node then fails with that reason, refunded per the policy.
@@ -26,6 +27,49 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS)
 
 
+def _too_deep(value: Any, max_depth: int) -> bool:
+    """Whether ``value`` (plain dicts and lists, as json.loads returns) nests more than
+    ``max_depth`` containers deep: level by level, containers only (no per-scalar work)."""
+    level = [value]
+    depth = 1
+    while level:
+        if depth > max_depth:
+            return True
+        below: list[Any] = []
+        for container in level:
+            children = container.values() if type(container) is dict else container
+            below += [c for c in children if type(c) is dict or type(c) is list]
+        level = below
+        depth += 1
+    return False
+
+
+def _plain_copy(outputs: dict[str, Any], max_depth: int) -> tuple[dict[str, Any], str] | None:
+    """The fast path for outputs that need no repair (nearly all): serialised and read
+    back by the C encoder and decoder, about twice as fast as make_storable's Python pass
+    on 100 KB of small records, with the same result. None when something may need a
+    repair or a refusal, which that pass then decides: NaN or an object (the encoder
+    raises), a NUL (escaped as \\u0000; a string holding that escape's text also lands
+    there, harmlessly), a lone surrogate (not UTF-8), or nesting deeper than
+    ``max_depth``. Tuples become lists and int, float, bool and None keys their JSON
+    text, as make_storable does.
+    """
+    try:
+        text = json.dumps(outputs, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if "\\u0000" in text:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return None
+    clean = json.loads(text)
+    if _too_deep(clean, max_depth):
+        return None
+    return clean, text
+
+
 def _size(value: Any) -> int:
     return len(_text(value).encode())
 
@@ -44,8 +88,12 @@ def storable_outputs_text(
     """:func:`storable_outputs` and its JSON text (what the database stores)."""
     if not isinstance(outputs, dict):
         raise Unstorable("", f"outputs must be an object, not {type(outputs).__name__}")
-    clean: dict[str, Any] = make_storable(outputs, max_depth=max_depth, repair=True)
-    text = _text(clean)
+    fast = _plain_copy(outputs, max_depth)
+    if fast is not None:
+        clean, text = fast
+    else:
+        clean = make_storable(outputs, max_depth=max_depth, repair=True)
+        text = _text(clean)
     if len(text) <= max_bytes // 4 or len(text.encode()) <= max_bytes:
         return clean, text
     capped: dict[str, Any] = {}

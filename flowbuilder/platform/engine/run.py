@@ -23,8 +23,10 @@ time is not the workflow's own time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -261,6 +263,36 @@ def _abandon(s: Session, execution: WorkflowExecution, error: str) -> None:
     _finish(s, execution.id, ExecutionStatus.FAILED, error, PhaseStatus.SKIPPED)
 
 
+# Parsed plans by workflow version id. A version and its plan are written once, at
+# publish, and never changed (a new definition is a new version), so a worker parses a
+# plan once instead of reading and parsing the version row on every run's claim. A
+# version deleted later sets the execution's workflow_version_id to NULL (foreign key,
+# ON DELETE SET NULL), which the claim reads first, so a cached plan never runs a run
+# whose version is gone. ExecutionPlan is immutable and resolve_inputs copies its static
+# inputs and defaults, so runs can share one. Bounded: oldest dropped first.
+_PLAN_CACHE_SIZE = 256
+_plans: collections.OrderedDict[uuid.UUID, Any] = collections.OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def _cached_plan(version_id: uuid.UUID | None) -> Any:
+    if version_id is None:
+        return None
+    with _plans_lock:
+        plan = _plans.get(version_id)
+        if plan is not None:
+            _plans.move_to_end(version_id)
+        return plan
+
+
+def _remember_plan(version_id: uuid.UUID, plan: Any) -> None:
+    with _plans_lock:
+        _plans[version_id] = plan
+        _plans.move_to_end(version_id)
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+
+
 def _claim(
     db: _RunConnection, execution_id: uuid.UUID, owner: str, lease: float
 ) -> RunState | RunResult:
@@ -295,12 +327,17 @@ def _claim(
         if execution.cancel_requested:
             _finish(s, execution.id, ExecutionStatus.CANCELLED, "cancelled", PhaseStatus.CANCELLED)
             return RunResult(Outcome.CANCELLED)
-        version = (
-            s.get(WorkflowVersion, execution.workflow_version_id)
-            if execution.workflow_version_id
-            else None
-        )
-        if version is None or not version.plan:
+        plan = _cached_plan(execution.workflow_version_id)
+        if plan is None:
+            version = (
+                s.get(WorkflowVersion, execution.workflow_version_id)
+                if execution.workflow_version_id
+                else None
+            )
+            if version is not None and version.plan:
+                plan = ExecutionPlan.from_dict(version.plan)
+                _remember_plan(version.id, plan)
+        if plan is None:
             _finish(
                 s,
                 execution.id,
@@ -334,7 +371,7 @@ def _claim(
             owner=owner,
             lease=lease,
             deadline=time.monotonic() + budget,
-            plan=ExecutionPlan.from_dict(version.plan),
+            plan=plan,
             phases=phases,
             # Logs are written only with a phase's end: none yet if no phase has ended.
             next_seq=(

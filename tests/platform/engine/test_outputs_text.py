@@ -7,9 +7,10 @@ import enum
 import json
 import math
 
+import pytest
 import sqlalchemy as sa
 
-from flowbuilder.platform.engine.outputs import storable_outputs, storable_outputs_text
+from flowbuilder.platform.engine.outputs import Unstorable, storable_outputs, storable_outputs_text
 from flowbuilder.platform.jsonvalues import SerialisedJSON, dumps_json, make_storable
 
 
@@ -67,3 +68,40 @@ def test_make_storable_fast_path_keeps_subclasses_and_checks_every_string() -> N
         {"l": ["ok", "bad\x00", {"k\x00": -math.inf}], 7: (1, 2)}, max_depth=5, repair=True
     )
     assert repaired == {"l": ["ok", "bad\ufffd", {"k\ufffd": None}], "7": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [1, {"b": 'x"]}\\\\'}], "n": None, "f": 1.5, "t": True},
+        {True: 1, None: 2, 3: "int key", 1.5: "float key", "tuple": (1, (2, 3))},
+        {"unicode": "é€😀", "empty": {}, "list": []},
+        {"nul": "a\x00b", "ok": 1},
+        {"nan": math.nan, "inf": [math.inf]},
+        {"lone": "\ud800", "key\x00": 1},
+        {"obj": object(), "escape text": "\\u0000"},
+        {"deep": [[[[["bottom"]]]]]},
+    ],
+)
+def test_the_json_round_trip_fast_path_agrees_with_make_storable(value: dict) -> None:
+    """Outputs go through a C JSON round trip when they need no repair, and through
+    make_storable otherwise: whichever path, the stored text and copy are the same."""
+    from flowbuilder.platform.engine import outputs
+
+    expected = make_storable(value, max_depth=7, repair=True)
+    clean, text = storable_outputs_text(value, max_bytes=10**6, max_depth=7)
+    assert clean == expected
+    assert json.loads(text) == expected
+    fast = outputs._plain_copy(value, 7)
+    if fast is not None:  # taken only when nothing needed a repair
+        assert fast[0] == expected and "\ufffd" not in fast[1]
+
+
+def test_the_fast_path_refuses_what_is_too_deep_like_make_storable() -> None:
+    from flowbuilder.platform.engine import outputs
+
+    value = {"a": [{"b": [1]}]}  # four levels of containers
+    assert outputs._plain_copy(value, 4) is not None
+    assert outputs._plain_copy(value, 3) is None
+    with pytest.raises(Unstorable):
+        storable_outputs_text(value, max_bytes=10**6, max_depth=3)

@@ -671,3 +671,29 @@ def test_bad_execution_inputs_refused_and_nothing_recorded(
         prepare_execution(session=session, workflow_id=wf.id, user_id=user.id, inputs=inputs)
     session.rollback()
     assert session.exec(select(WorkflowExecution)).all() == []
+
+
+def test_a_cached_plan_never_runs_a_run_whose_version_was_deleted(engine, session: Session) -> None:
+    """Workers keep parsed plans by version id; a version deleted after its plan was cached
+    still ends the next run as "version missing" (its id is NULL on the execution)."""
+    from flowbuilder.platform.engine import run as run_module
+    from flowbuilder.platform.models import WorkflowVersion
+
+    user, wf, first = _prepare(session, json_definition(1), credits=10)
+    assert run_execution(first.id).outcome == Outcome.COMPLETED
+    assert run_module._cached_plan(first.workflow_version_id) is not None
+    # A second run of the same version uses the cached plan and completes the same way.
+    second = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    assert run_execution(second.id).outcome == Outcome.COMPLETED
+    third = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    session.execute(
+        sa.delete(WorkflowVersion).where(WorkflowVersion.id == first.workflow_version_id)
+    )
+    session.commit()
+    result = run_execution(third.id)
+    assert result.outcome == Outcome.FAILED and result.error == "workflow version missing"
+    third = _reload(session, third)
+    assert third.status == ExecutionStatus.FAILED
+    assert third.error == "the workflow version was deleted before the run"
