@@ -47,6 +47,7 @@ from flowbuilder.platform.cron import get_next_run_date
 from flowbuilder.platform.cron_schedule import scheduled_next_runs
 from flowbuilder.platform.crud._sql import is_postgres, upsert
 from flowbuilder.platform.crud.rate_limit_crud import window_start
+from flowbuilder.platform.engine.enqueue import enqueue_limit, enqueue_limit_key, guest_expired
 from flowbuilder.platform.errors import (
     FlowBuilderError,
     InsufficientCredits,
@@ -282,21 +283,23 @@ def fire_due(
         per_user[fire["user_id"]].append(fire)
     if per_user:
         start = window_start(now, settings.RATE_LIMIT_WINDOW_SECONDS)
-        counts = _hit_many(session, {f"enqueue:{u}": len(f) for u, f in per_user.items()}, start)
+        counts = _hit_many(
+            session, {enqueue_limit_key(u): len(f) for u, f in per_user.items()}, start
+        )
         undo: dict[str, int] = {}
         retry_after = max(
             (start + timedelta(seconds=settings.RATE_LIMIT_WINDOW_SECONDS) - now).total_seconds(),
             0.0,
         )
         for user_id, fires in per_user.items():
-            key = f"enqueue:{user_id}"
-            limit_ = settings.RATE_LIMIT_GUEST if guests.get(user_id) else settings.RATE_LIMIT_USER
+            key = enqueue_limit_key(user_id)
+            limit_ = enqueue_limit(settings, is_guest=bool(guests.get(user_id)))
             used = counts[key] - len(fires)  # the window's count before this batch
             available = balances.get(user_id, 0)
             expired = guests.get(user_id) and user_id not in live_guests
             for fire in fires:
                 if expired:
-                    fire["reason"] = f"guest {user_id}: the guest session has expired"
+                    fire["reason"] = str(guest_expired(user_id))
                 elif used >= limit_:
                     fire["reason"] = f"rate limited: {RateLimited(key, limit_, retry_after)}"
                 elif available < fire["cost"]:

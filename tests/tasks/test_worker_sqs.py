@@ -227,7 +227,8 @@ def test_bad_definition_refused_at_enqueue(worker_settings: Any, pg_session: Ses
 
 
 def test_rate_limited_enqueue_sends_nothing(worker_settings: Any, pg_session: Session) -> None:
-    with override_settings(RATE_LIMIT_USER=2):
+    # A day-long window: hits made across a minute boundary must not reset the count.
+    with override_settings(RATE_LIMIT_USER=2, RATE_LIMIT_WINDOW_SECONDS=86400):
         user = make_user(pg_session, credits=100)
         wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
         pg_session.commit()

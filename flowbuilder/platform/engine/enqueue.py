@@ -41,9 +41,26 @@ from flowbuilder.platform.models import (
     WorkflowExecution,
     WorkflowStatus,
 )
-from flowbuilder.platform.settings import get_settings
+from flowbuilder.platform.settings import Settings, get_settings
 
 logger = structlog.get_logger(__name__)
+
+
+# The rules a cron fire shares with a manual run (``scheduling.fire_due`` applies them to
+# a batch): one counter per user, guests stricter, expired guests refused.
+
+
+def enqueue_limit_key(user_id: uuid.UUID) -> str:
+    """The rate-limit counter of a user's enqueues, manual and cron alike."""
+    return f"enqueue:{user_id}"
+
+
+def enqueue_limit(settings: Settings, *, is_guest: bool) -> int:
+    return settings.RATE_LIMIT_GUEST if is_guest else settings.RATE_LIMIT_USER
+
+
+def guest_expired(user_id: uuid.UUID) -> Conflict:
+    return Conflict(f"guest {user_id}: the guest session has expired; start a new one")
 
 
 def prepare_execution(
@@ -97,11 +114,11 @@ def prepare_execution(
 
     user, available = user_crud.get_user_and_credits(session=session, user_id=user_id)
     if user.is_guest and not user_crud.has_active_guest_session(session=session, user_id=user_id):
-        raise Conflict(f"guest {user_id}: the guest session has expired; start a new one")
-    limit = settings.RATE_LIMIT_GUEST if user.is_guest else settings.RATE_LIMIT_USER
+        raise guest_expired(user_id)
+    limit = enqueue_limit(settings, is_guest=user.is_guest)
     rate_limit_crud.hit(
         session=session,
-        key=f"enqueue:{user_id}",
+        key=enqueue_limit_key(user_id),
         limit=limit,
         window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
     )

@@ -261,7 +261,8 @@ def test_definition_invalid_at_enqueue_is_refused(engine, session: Session) -> N
 
 
 def test_rate_limit_guest_stricter(engine, session: Session) -> None:
-    with override_settings(RATE_LIMIT_GUEST=1, RATE_LIMIT_USER=3):
+    # A day-long window: hits made across a minute boundary must not reset the count.
+    with override_settings(RATE_LIMIT_GUEST=1, RATE_LIMIT_USER=3, RATE_LIMIT_WINDOW_SECONDS=86400):
         guest = make_user(session, guest=True, credits=100)
         user = make_user(session, credits=100)
         gwf = make_workflow(session, guest, definition=json_definition(1), publish=True)
