@@ -67,6 +67,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the process group (a warm shutdown), SIGKILL it after ``grace`` seconds.
+    Shared by the benchmark harness and the tests' worker, beat and Flower processes."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     port = free_port()
@@ -228,13 +240,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc)
         self._log.close()
 
     def __enter__(self) -> Worker:

@@ -115,48 +115,15 @@ def session(engine: sa.Engine) -> Iterator[Session]:
 # ------------------------------------------------------------------------------ AWS (moto)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """moto's server mode in a subprocess on 127.0.0.1: a real HTTP AWS API (SQS, SNS,
-    Secrets Manager). It stands in for AWS itself, which cannot run here."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    Secrets Manager). It stands in for AWS itself, which cannot run here. (The same
+    start-up as the benchmarks': ``benchmarks.harness.moto_server``.)"""
+    from benchmarks.harness import moto_server as start_moto
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    try:
+    with start_moto() as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from benchmarks.harness import free_port
 from flowbuilder.platform import db
 
 CLEAN_PREFIXES = (
@@ -46,12 +46,6 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
     return errors[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ usage
@@ -110,7 +104,7 @@ def test_bad_settings_are_one_line(tmp_path: Path, env: dict[str, str], named: s
 
 
 def test_unreachable_database_names_the_host(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"postgresql://postgres:db-pass-4471@127.0.0.1:{port}/flowbuilder"
     result = run_cli(["db", "upgrade"], tmp_path, DATABASE_URL=url)
     assert result.returncode == 3
@@ -275,7 +269,7 @@ def test_sweep_reports_failed_sends(tmp_path: Path) -> None:
         )
         s.commit()
     engine.dispose()
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     result = run_cli(
         ["sweep"],
         tmp_path,

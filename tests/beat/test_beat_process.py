@@ -24,6 +24,7 @@ import redis
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from benchmarks.harness import stop_process_group
 from flowbuilder.platform import sqs
 from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution, utcnow
 from flowbuilder.tasks.app import EXECUTIONS_QUEUE, queue_name
@@ -85,13 +86,7 @@ class Beat:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc, 20)
         self._log.close()
 
 

@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
+from benchmarks.harness import stop_process_group
 from flowbuilder.platform import db
 from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks.app import app, configure, ensure_execution_queues
@@ -152,13 +153,7 @@ class WorkerProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc, 20)
         self._log.close()
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -23,6 +20,7 @@ import boto3
 import pytest
 import redis
 
+from benchmarks.harness import free_port, stop_process_group
 from flowbuilder.platform.crud import balance_crud, user_crud, workflow_crud
 from flowbuilder.platform.db import unit_of_work
 from flowbuilder.platform.models import UserCreate, WorkflowCreate
@@ -43,12 +41,6 @@ DEFINITION = {
     "edges": [],
 }
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-pass-8812"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -74,13 +66,7 @@ class Proc:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc, 30)
         self._file.close()
 
 
@@ -185,7 +171,7 @@ def test_inspect_events_and_flower_on_sqs(
     assert "flowbuilder.execute_workflow" in registered.stdout, registered.stderr
 
     # A Flower process, with basic auth from its environment, and `celery events --dump`.
-    port = _free_port()
+    port = free_port()
     flower_env = dict(monitor_env, FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}")
     flower = Proc(
         _celery("flower", f"--port={port}", "--address=127.0.0.1"),
@@ -303,7 +289,7 @@ def test_worker_runs_executions_while_the_monitoring_redis_is_down(
 ) -> None:
     """Monitoring is best effort: a worker whose monitoring Redis is unreachable starts,
     runs executions, drops events (saying so) and keeps trying to reconnect."""
-    env = dict(monitor_env, MONITOR_URL=f"redis://127.0.0.1:{_free_port()}/0")
+    env = dict(monitor_env, MONITOR_URL=f"redis://127.0.0.1:{free_port()}/0")
     worker = Proc(
         _celery(
             "worker",
