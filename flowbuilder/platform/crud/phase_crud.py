@@ -107,56 +107,16 @@ def get_phase(*, session: Session, phase_id: uuid.UUID, user_id: uuid.UUID) -> E
     return phase
 
 
-def update_phase(
-    *,
-    session: Session,
+def _phase_changes(
     phase: ExecutionPhase,
     status: PhaseStatus,
-    inputs: dict[str, Any] | None = None,
-    outputs: dict[str, Any] | None = None,
-    error: str | None = None,
-    credits_charged: int | None = None,
-    now: datetime | None = None,
-) -> ExecutionPhase:
-    """Move a phase to ``status`` (checked) and record what goes with it."""
-    if status not in _ALLOWED[phase.status]:
-        raise InvalidTransition("phase", phase.id, phase.status, status)
-    now = now or utcnow()
-    phase.status = status
-    if status == PhaseStatus.RUNNING:
-        phase.started_at = now
-        phase.attempts += 1
-        if inputs is not None:
-            phase.inputs = inputs
-    else:
-        phase.completed_at = now
-        if phase.started_at is not None:
-            phase.duration_ms = int((now - phase.started_at).total_seconds() * 1000)
-    if outputs is not None:
-        phase.outputs = outputs
-    if error is not None:
-        phase.error = error[:4000]
-    if credits_charged is not None:
-        phase.credits_charged = credits_charged
-    session.add(phase)
-    session.flush()
-    return phase
-
-
-def record_phase(
-    *,
-    session: Session,
-    phase: ExecutionPhase,
-    status: PhaseStatus,
-    inputs: dict[str, Any] | None = None,
-    outputs: dict[str, Any] | None = None,
-    error: str | None = None,
-    credits_charged: int | None = None,
-    now: datetime | None = None,
-) -> ExecutionPhase:
-    """:func:`update_phase` as one Core UPDATE of the changed columns, for the engine's
-    hot path: ``phase`` may be detached (it is never re-attached or flushed) and is
-    updated in memory to what was written. Same checked transitions."""
+    inputs: dict[str, Any] | None,
+    outputs: dict[str, Any] | None,
+    error: str | None,
+    credits_charged: int | None,
+    now: datetime | None,
+) -> dict[str, Any]:
+    """The columns a move of ``phase`` to ``status`` writes (the transition is checked)."""
     if status not in _ALLOWED[phase.status]:
         raise InvalidTransition("phase", phase.id, phase.status, status)
     now = now or utcnow()
@@ -176,6 +136,44 @@ def record_phase(
         values["error"] = error[:4000]
     if credits_charged is not None:
         values["credits_charged"] = credits_charged
+    return values
+
+
+def update_phase(
+    *,
+    session: Session,
+    phase: ExecutionPhase,
+    status: PhaseStatus,
+    inputs: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    error: str | None = None,
+    credits_charged: int | None = None,
+    now: datetime | None = None,
+) -> ExecutionPhase:
+    """Move a phase to ``status`` (checked) and record what goes with it."""
+    values = _phase_changes(phase, status, inputs, outputs, error, credits_charged, now)
+    for key, value in values.items():
+        setattr(phase, key, value)
+    session.add(phase)
+    session.flush()
+    return phase
+
+
+def record_phase(
+    *,
+    session: Session,
+    phase: ExecutionPhase,
+    status: PhaseStatus,
+    inputs: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    error: str | None = None,
+    credits_charged: int | None = None,
+    now: datetime | None = None,
+) -> ExecutionPhase:
+    """:func:`update_phase` as one Core UPDATE of the changed columns, for the engine's
+    hot path: ``phase`` may be detached (it is never re-attached or flushed) and is
+    updated in memory to what was written. Same checked transitions."""
+    values = _phase_changes(phase, status, inputs, outputs, error, credits_charged, now)
     session.connection().execute(_UPDATE_PHASE, {"b_phase_id": phase.id, **values})
     for key, value in values.items():
         # Committed values: a phase that is in a session is not flushed a second time.
