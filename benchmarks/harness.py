@@ -2,8 +2,11 @@
 
 - moto's server on a free port on 127.0.0.1 (SQS over real HTTP, as in the tests),
 - a throwaway PostgreSQL database (``flowbuilder.platform.db.temporary_database``),
-  reached through a :class:`~benchmarks.pg_roundtrips.RoundTripProxy` so that SQL round
-  trips are counted on the server side,
+  reached directly by everything that is timed, and through a
+  :class:`~benchmarks.pg_roundtrips.RoundTripProxy` only where SQL round trips are
+  counted (the proxy is Python threads in the harness process: in the path of a timed
+  measure it would add its own latency and CPU to every round trip of the project, and
+  to none of the bare baselines'),
 - Redis database 13 under a random key prefix (the bare baseline tasks record their
   start and end times there),
 - real ``celery worker`` processes (prefork, 2 processes).
@@ -112,8 +115,8 @@ def moto_server() -> Iterator[str]:
 @dataclass
 class Services:
     sqs_endpoint: str
-    database_url: str  # through the counting proxy
-    direct_database_url: str  # straight to the server (raw baselines)
+    database_url: str  # straight to the server: workers, enqueues, raw baselines
+    counting_database_url: str  # through the counting proxy (round-trip counts only)
     proxy: RoundTripProxy
     redis: redis.Redis
     redis_prefix: str
@@ -176,8 +179,8 @@ def services() -> Iterator[Services]:
         try:
             yield Services(
                 sqs_endpoint=endpoint,
-                database_url=proxy.url_for(direct_url),
-                direct_database_url=direct_url,
+                database_url=direct_url,
+                counting_database_url=proxy.url_for(direct_url),
                 proxy=proxy,
                 redis=r,
                 redis_prefix=prefix,
