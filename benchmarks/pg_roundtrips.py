@@ -5,8 +5,11 @@ frontend (client -> server) side of the wire protocol and counts the messages th
 the server answer (every message kind is counted in :attr:`counts`, the round trips are
 these two): a simple ``Query`` ('Q', which is how psycopg sends ``BEGIN``,
 ``COMMIT`` and ``ROLLBACK``) and a ``Sync`` ('S', the end of every extended-protocol
-statement: a pool pre-ping, a SELECT, an INSERT). Every one of them is a round trip
-that the client waits for, so nothing is missed that the server had to answer,
+statement: a pool pre-ping, a SELECT, an INSERT). A round trip is a flight: what the
+client sends, containing at least one of these, between two answers of the server. A
+client that waits for each statement makes one flight per Query or Sync; one that sends
+a batch without waiting (psycopg's pipeline mode) makes one flight for the batch,
+whatever the number of Syncs in it. Nothing the server had to answer is missed,
 whichever library (SQLAlchemy, raw psycopg) or process (a prefork worker child) sent it.
 
 Use it by pointing DATABASE_URL at :meth:`RoundTripProxy.url_for`. Counts are totals
@@ -60,14 +63,14 @@ class RoundTripProxy:
     @property
     def round_trips(self) -> int:
         with self._lock:
-            return self.counts["Q"] + self.counts["S"]
+            return self.counts["flights"]
 
     def snapshot(self) -> dict[str, int]:
-        """Round trips so far: ``total``, ``queries`` ('Q': BEGIN/COMMIT...), ``syncs``
-        ('S': extended-protocol statements) and ``connections``."""
+        """Round trips so far: ``total`` (flights), ``queries`` ('Q': BEGIN/COMMIT...),
+        ``syncs`` ('S': extended-protocol statements) and ``connections``."""
         with self._lock:
             return {
-                "total": self.counts["Q"] + self.counts["S"],
+                "total": self.counts["flights"],
                 "queries": self.counts["Q"],
                 "syncs": self.counts["S"],
                 "connections": self.counts["connections"],
@@ -108,17 +111,23 @@ class RoundTripProxy:
             with self._lock:
                 self.counts["connections"] += 1
                 self._sockets += [client, server]
+            answered = threading.Event()  # the server spoke since the client's last flight
+            answered.set()
             threading.Thread(
-                target=self._frontend, args=(client, server), daemon=True, name="pg-proxy-fe"
+                target=self._frontend,
+                args=(client, server, answered),
+                daemon=True,
+                name="pg-proxy-fe",
             ).start()
             threading.Thread(
-                target=self._pipe, args=(server, client), daemon=True, name="pg-proxy-be"
+                target=self._pipe, args=(server, client, answered), daemon=True, name="pg-proxy-be"
             ).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, answered: threading.Event) -> None:
         try:
             while data := src.recv(65536):
+                answered.set()
                 dst.sendall(data)
         except OSError:
             pass
@@ -127,7 +136,9 @@ class RoundTripProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
-    def _frontend(self, client: socket.socket, server: socket.socket) -> None:
+    def _frontend(
+        self, client: socket.socket, server: socket.socket, answered: threading.Event
+    ) -> None:
         """Forward client bytes unchanged while parsing them into protocol messages."""
         buffer = bytearray()
         started = False  # past the untyped startup message(s)
@@ -159,6 +170,11 @@ class RoundTripProxy:
                     del buffer[: 1 + length]
                     with self._lock:
                         self.counts[kind] += 1
+                        if kind in "QS" and answered.is_set():
+                            # The first message the server must answer since its last
+                            # answer: the client will wait for this one, a new flight.
+                            answered.clear()
+                            self.counts["flights"] += 1
                 server.sendall(data)
         except OSError:
             pass

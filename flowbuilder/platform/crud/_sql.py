@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session
 
 from flowbuilder.platform.errors import Conflict, ValidationFailed
@@ -52,3 +53,68 @@ def data_error_message(exc: DataError) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
     return f"the database refused a value: {text[0][:200] if text else type(orig).__name__}"
+
+
+# --- statements sent in a batch on psycopg -----------------------------------------------
+#
+# psycopg's pipeline mode sends statements without waiting for each answer: a batch of
+# them costs one round trip. SQLAlchemy queues a statement that returns no rows there
+# (``Connection.execute``), but cannot read a result it has not received yet; a statement
+# whose result is needed later in the batch goes through :func:`send_returning`, which
+# queues it on the driver's own cursor, compiled once by SQLAlchemy for this dialect.
+
+
+def pipelines(connection: Connection) -> bool:
+    """Whether ``connection``'s driver can send statements in a batch (psycopg 3)."""
+    return connection.dialect.driver == "psycopg"
+
+
+_COMPILED: dict[tuple[int, str], Any] = {}
+
+
+def send_returning(connection: Connection, statement: Any, params: dict[str, Any]) -> Any:
+    """Queue ``statement`` (built once, module level) on the driver's cursor and return
+    that cursor: its rows arrive with the batch (``fetchone`` waits for them).
+
+    Parameters are processed as SQLAlchemy would (its bind processors: enums, JSON);
+    errors surface when the batch is sent, as psycopg errors: run the batch under
+    :func:`driver_errors`."""
+    # An UPDATE without .values() sets the columns its parameters name: compiled per set.
+    key = (id(statement), connection.dialect.name, tuple(params))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = statement.compile(
+            dialect=connection.dialect, column_keys=list(params)
+        )
+    values = compiled.construct_params(params)
+    for name, process in compiled._bind_processors.items():
+        if name in values and values[name] is not None:
+            values[name] = process(values[name])
+    cursor = connection.connection.driver_connection.cursor()
+    cursor.execute(compiled.string, values)
+    return cursor
+
+
+@contextlib.contextmanager
+def driver_errors(connection: Connection) -> Iterator[None]:
+    """Errors raised by the driver itself (a batch sent outside SQLAlchemy) become the
+    SQLAlchemy errors the rest of the code classifies (OperationalError, DataError...),
+    and a lost connection is invalidated, as SQLAlchemy does for its own statements."""
+    try:
+        yield
+    except Exception as exc:
+        module = connection.dialect.loaded_dbapi
+        if not isinstance(exc, module.Error):
+            raise
+        lost = connection.dialect.is_disconnect(exc, connection.connection.dbapi_connection, None)
+        if lost:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            None,
+            None,
+            exc,
+            module.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=connection.dialect,
+        ) from exc

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
+from flowbuilder.platform.crud._sql import send_returning
 from flowbuilder.platform.errors import InvalidTransition, NotFound
 from flowbuilder.platform.models import (
     ExecutionPhase,
@@ -250,10 +253,12 @@ def finish_execution(
     error: str | None,
     started_at: datetime | None,
     now: datetime | None = None,
-) -> int:
+    deferred: list[tuple[Any, dict[str, Any]]] | None = None,
+) -> int | None:
     """End a running execution whose lease the caller checked in this transaction (so it
     is running): the final status, the lease released, and the credits it consumed (the
-    sum of its phases' charges), in one UPDATE. Returns the credits."""
+    sum of its phases' charges), in one UPDATE. Returns the credits; with ``deferred``
+    (the statement appended there, sent with the COMMIT) None."""
     if not status.is_terminal:
         raise ValueError(f"finish_execution: {status.value} is not a final status")
     now = now or utcnow()
@@ -269,6 +274,9 @@ def finish_execution(
     }
     if error is not None:
         values["error"] = error[:4000]
+    if deferred is not None:
+        deferred.append((_FINISH_WITHOUT_RESULT, values))
+        return None
     row = session.connection().execute(_FINISH, values).first()
     if row is None:
         raise NotFound("execution", execution_id)
@@ -287,20 +295,38 @@ def renew_lease(
 
     Runs at the start of every phase's transaction (the fence): the statement is built
     once and executed on the session's connection, without the ORM."""
-    now = now or utcnow()
-    row = (
-        session.connection()
-        .execute(
-            _RENEW_LEASE,
-            {
-                "b_id": execution_id,
-                "b_owner": owner,
-                "b_running": ExecutionStatus.RUNNING,
-                "lease_expires_at": now + timedelta(seconds=lease_seconds),
-            },
-        )
-        .first()
-    )
+    params = _renew_params(execution_id, owner, lease_seconds, now)
+    return _lease_answer(session.connection().execute(_RENEW_LEASE, params).first())
+
+
+def send_renew_lease(
+    *,
+    connection: Connection,
+    execution_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> Callable[[], tuple[bool, bool]]:
+    """:func:`renew_lease` queued in a batch (psycopg's pipeline mode, see
+    ``_sql.send_returning``): returns the function that reads its answer, which waits
+    for the batch."""
+    params = _renew_params(execution_id, owner, lease_seconds, now)
+    cursor = send_returning(connection, _RENEW_LEASE, params)
+    return lambda: _lease_answer(cursor.fetchone())
+
+
+def _renew_params(
+    execution_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None
+) -> dict[str, Any]:
+    return {
+        "b_id": execution_id,
+        "b_owner": owner,
+        "b_running": ExecutionStatus.RUNNING,
+        "lease_expires_at": (now or utcnow()) + timedelta(seconds=lease_seconds),
+    }
+
+
+def _lease_answer(row: Any) -> tuple[bool, bool]:
     if row is None:
         return False, False
     return True, bool(row[0])
@@ -308,7 +334,8 @@ def renew_lease(
 
 _EXECUTION = WorkflowExecution.__table__
 _PHASES = ExecutionPhase.__table__
-_FINISH = (
+# The final UPDATE; sent in a batch whose results are not read, without its RETURNING.
+_FINISH_WITHOUT_RESULT = (
     sa.update(_EXECUTION)
     .where(_EXECUTION.c.id == sa.bindparam("b_id"))
     .values(
@@ -316,8 +343,8 @@ _FINISH = (
         .where(_PHASES.c.execution_id == sa.bindparam("b_id"))
         .scalar_subquery()
     )
-    .returning(_EXECUTION.c.credits_consumed)
 )
+_FINISH = _FINISH_WITHOUT_RESULT.returning(_EXECUTION.c.credits_consumed)
 _RENEW_LEASE = (
     sa.update(_EXECUTION)
     .where(

@@ -169,12 +169,20 @@ def record_phase(
     error: str | None = None,
     credits_charged: int | None = None,
     now: datetime | None = None,
+    deferred: list[tuple[Any, dict[str, Any]]] | None = None,
 ) -> ExecutionPhase:
     """:func:`update_phase` as one Core UPDATE of the changed columns, for the engine's
     hot path: ``phase`` may be detached (it is never re-attached or flushed) and is
-    updated in memory to what was written. Same checked transitions."""
+    updated in memory to what was written. Same checked transitions.
+
+    With ``deferred``, the statement is appended there instead of executed: the engine
+    sends it with its commit, in one round trip (it returns nothing the run waits for)."""
     values = _phase_changes(phase, status, inputs, outputs, error, credits_charged, now)
-    session.connection().execute(_UPDATE_PHASE, {"b_phase_id": phase.id, **values})
+    params = {"b_phase_id": phase.id, **values}
+    if deferred is None:
+        session.connection().execute(_UPDATE_PHASE, params)
+    else:
+        deferred.append((_UPDATE_PHASE, params))
     for key, value in values.items():
         # Committed values: a phase that is in a session is not flushed a second time.
         set_committed_value(phase, key, value)
@@ -182,15 +190,39 @@ def record_phase(
 
 
 def close_open_phases(
-    *, session: Session, execution_id: uuid.UUID, status: PhaseStatus, now: datetime | None = None
+    *,
+    session: Session,
+    execution_id: uuid.UUID,
+    status: PhaseStatus,
+    now: datetime | None = None,
+    deferred: list[tuple[Any, dict[str, Any]]] | None = None,
 ) -> int:
-    """Mark every phase that has not finished (created or running) with ``status``."""
+    """Mark every phase that has not finished (created or running) with ``status``.
+
+    Returns how many; with ``deferred`` (see :func:`record_phase`) the statement is
+    appended there and 0 returned."""
+    now = now or utcnow()
+    if deferred is not None:
+        params = {"b_execution_id": execution_id, "status": status, "completed_at": now}
+        deferred.append((_CLOSE_OPEN, params))
+        return 0
+    # Through the session: the phases it holds are updated too.
     result = session.execute(
         sa.update(ExecutionPhase)
         .where(
             ExecutionPhase.execution_id == execution_id,
             ExecutionPhase.status.in_([PhaseStatus.CREATED, PhaseStatus.RUNNING]),
         )
-        .values(status=status, completed_at=now or utcnow())
+        .values(status=status, completed_at=now)
     )
     return result.rowcount or 0
+
+
+_CLOSE_OPEN = (
+    sa.update(_PHASE)
+    .where(
+        _PHASE.c.execution_id == sa.bindparam("b_execution_id"),
+        _PHASE.c.status.in_([PhaseStatus.CREATED, PhaseStatus.RUNNING]),
+    )
+    .values(status=sa.bindparam("status"), completed_at=sa.bindparam("completed_at"))
+)

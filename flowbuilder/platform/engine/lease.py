@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 
 import structlog
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
 from flowbuilder.platform.crud import (
@@ -72,4 +73,15 @@ def renew(s: Session, state: RunState) -> tuple[bool, bool]:
     """Fence a transaction: renew our lease; ``(still held, cancel requested)``."""
     return execution_crud.renew_lease(
         session=s, execution_id=state.execution_id, owner=state.owner, lease_seconds=state.lease
+    )
+
+
+def send_renew(connection: Connection, state: RunState) -> Callable[[], tuple[bool, bool]]:
+    """:func:`renew` queued in a batch (psycopg's pipeline mode): returns the function that
+    reads ``(still held, cancel requested)`` once the batch is sent."""
+    return execution_crud.send_renew_lease(
+        connection=connection,
+        execution_id=state.execution_id,
+        owner=state.owner,
+        lease_seconds=state.lease,
     )

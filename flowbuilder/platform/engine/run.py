@@ -37,6 +37,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, select
 
 from flowbuilder.platform.crud import (
@@ -45,9 +46,10 @@ from flowbuilder.platform.crud import (
     log_crud,
     phase_crud,
 )
+from flowbuilder.platform.crud._sql import driver_errors
 from flowbuilder.platform.db import get_engine, unit_of_work
 from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
-from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew
+from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
 from flowbuilder.platform.engine.state import Outcome, RunResult, RunState, is_time_limit
 from flowbuilder.platform.errors import (
     FlowBuilderError,
@@ -166,11 +168,20 @@ class _RunConnection:
     (the lease fence, before any write): :meth:`fenced` then reconnects once, as the pool's
     pre-ping would have. Lost in the middle of a transaction, the error reaches
     run_execution, which maps it to TransientError (the run resumes from its last commit).
+
+    On psycopg, statements that the run does not wait for are sent in batches (pipeline
+    mode), one round trip each: the fence with the previous phase's results (the fence is
+    still the transaction's first statement, so the writes after it commit only if it
+    held), and the phase-start writes with the COMMIT. A phase's transaction is then three
+    round trips (fence and results, debit, start and COMMIT) instead of six.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._conn: Connection | None = None
+        self.batches = engine.dialect.driver == "psycopg"
+        # Writes sent with the COMMIT of the current transaction (see phase_crud.record_phase).
+        self.deferred: list[tuple[Any, dict[str, Any]]] = []
 
     def _connection(self) -> Connection:
         if self._conn is not None and (self._conn.invalidated or self._conn.closed):
@@ -193,28 +204,77 @@ class _RunConnection:
             session.close()
 
     @contextlib.contextmanager
-    def fenced(self, state: RunState) -> Iterator[tuple[Session, bool, bool]]:
-        """A transaction that starts with the lease fence: ``(session, held, cancel)``."""
+    def fenced(
+        self,
+        state: RunState,
+        writes: Callable[[Session], Any] | None = None,
+        undo: Callable[[], None] | None = None,
+    ) -> Iterator[tuple[Session, bool, bool, Any]]:
+        """A transaction that starts with the lease fence: ``(session, held, cancel,
+        written)``. ``writes(session)`` runs after the fence, in the same round trip when
+        it can (statements whose results it does not read); ``written`` is what it
+        returned (None when the lease is not held: then nothing it wrote is kept).
+        ``undo()`` reverts what ``writes`` changed in memory, for the one retry on a
+        replaced connection."""
+        self.deferred = []
         for attempt in range(2):
             session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
             try:
-                held, cancel = renew(session, state)
+                held, cancel, written = self._fence(session, state, writes)
                 break
             except DBAPIError as exc:
                 with contextlib.suppress(Exception):
                     session.close()
                 if attempt or not exc.connection_invalidated:
                     raise
+                if undo is not None:
+                    undo()
                 logger.info("run_connection_replaced", error=_describe_db_error(exc))
                 self.close()
         try:
-            yield session, held, cancel
-            session.commit()
+            yield session, held, cancel, written
+            self._commit(session)
         except BaseException:
             session.rollback()
             raise
         finally:
+            self.deferred = []
             session.close()
+
+    def _fence(
+        self, session: Session, state: RunState, writes: Callable[[Session], Any] | None
+    ) -> tuple[bool, bool, Any]:
+        if not (self.batches and writes is not None):
+            held, cancel = renew(session, state)
+            return held, cancel, (writes(session) if held and writes is not None else None)
+        conn = session.connection()
+        with driver_errors(conn):
+            with conn.connection.driver_connection.pipeline():
+                answer = send_renew(conn, state)
+                written = writes(session)
+            # Sent and answered when the batch closed (one round trip): read, no wait.
+            held, cancel = answer()
+        if not held:
+            session.rollback()  # what ``writes`` sent must not be kept
+            return False, False, None
+        return held, cancel, written
+
+    def _commit(self, session: Session) -> None:
+        deferred, self.deferred = self.deferred, []
+        if deferred and self.batches:
+            conn = session.connection()
+            driver = conn.connection.driver_connection
+            with driver_errors(conn), driver.pipeline():
+                for statement, params in deferred:
+                    conn.execute(statement, params)
+                # The COMMIT in the same batch (the batch's Sync ends it, one round
+                # trip). The session's own commit then finds the driver idle: psycopg
+                # sends nothing more.
+                driver.execute("COMMIT")
+        else:
+            for statement, params in deferred:
+                session.connection().execute(statement, params)
+        session.commit()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -483,15 +543,29 @@ def _step(
     settings: Any,
 ) -> _GroupRun | RunResult:
     """One transaction: record ``previous``, start ``group`` (or end the run)."""
-    with db.fenced(state) as (s, held, cancel):
+    # A phase whose nodes all produced a result is recorded with writes only (the logs,
+    # the results): they travel with the fence. One that failed also refunds and may end
+    # the run, which reads results: recorded after the fence.
+    succeeded = (
+        previous is not None
+        and previous.refusal is None
+        and all(outcome.error is None for outcome in previous.outcomes)
+    )
+    writes = undo = None
+    if succeeded:
+        assert previous is not None
+        run = previous
+        writes = lambda s: _record_group(s, state, run, settings)  # noqa: E731
+        undo = _memory_snapshot(state, previous)
+    with db.fenced(state, writes, undo) as (s, held, cancel, _written):
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-        if previous is not None:
+        if previous is not None and not succeeded:
             ended = _record_group(s, state, previous, settings)
             if ended is not None:
                 return ended
         if group is None:
-            return _complete(s, state)
+            return _complete(s, state, db.deferred)
         if cancel or heartbeat.cancelled.is_set():
             return _cancel_run(s, state)
         if state.deadline - time.monotonic() <= 0:
@@ -515,6 +589,7 @@ def _step(
                 planned[phase.node_id],
                 current.inputs[phase.id],
                 current.started,
+                db.deferred,
             )
             if current.refusal is not None:
                 # The rest of this phase does not start; what started still runs.
@@ -534,7 +609,7 @@ def _fail_on_data_error(
     does the run."""
     reason = f"its results could not be stored ({_describe_db_error(exc)})"
     logger.warning("phase_results_unstorable", error=_describe_db_error(exc))
-    with db.fenced(state) as (s, held, _cancel):
+    with db.fenced(state) as (s, held, _cancel, _written):
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
         settings = get_settings()
@@ -551,6 +626,40 @@ def _fail_on_data_error(
 
 
 _OPEN_PHASE = (PhaseStatus.CREATED, PhaseStatus.RUNNING)
+# What recording a phase changes on its object in memory (phase_crud.record_phase).
+_RECORDED_FIELDS = (
+    "status",
+    "started_at",
+    "completed_at",
+    "duration_ms",
+    "attempts",
+    "inputs",
+    "outputs",
+    "error",
+    "credits_charged",
+)
+
+
+def _memory_snapshot(state: RunState, run: _GroupRun) -> Callable[[], None]:
+    """What :func:`_record_group` changes in memory, and the function that puts it back:
+    its writes may be lost with a connection that turned out dead, and are made again on
+    the new one."""
+    next_seq = state.next_seq
+    outputs = {p.node_id: state.outputs_by_node.get(p.node_id) for p, _n, _c in run.started}
+    phases = [(p, {f: getattr(p, f) for f in _RECORDED_FIELDS}) for p, _n, _c in run.started]
+
+    def undo() -> None:
+        state.next_seq = next_seq
+        for node_id, value in outputs.items():
+            if value is None:
+                state.outputs_by_node.pop(node_id, None)
+            else:
+                state.outputs_by_node[node_id] = value
+        for phase, values in phases:
+            for name, value in values.items():
+                set_committed_value(phase, name, value)
+
+    return undo
 
 
 @dataclass
@@ -625,8 +734,25 @@ def _fail_run(s: Session, state: RunState, error: str) -> RunResult:
     return RunResult(Outcome.FAILED, phases_run=state.phases_run, error=error)
 
 
-def _complete(s: Session, state: RunState) -> RunResult:
-    credits = _end_fenced(s, state, ExecutionStatus.COMPLETED, None, PhaseStatus.SKIPPED)
+def _complete(s: Session, state: RunState, deferred: list[tuple[Any, dict[str, Any]]]) -> RunResult:
+    """The run's end, sent with the COMMIT (one round trip on psycopg). The credits it
+    reports are its phases' charges as this run holds them: the statement sets the same
+    sum from the database."""
+    phase_crud.close_open_phases(
+        session=s,
+        execution_id=state.execution_id,
+        status=PhaseStatus.SKIPPED,
+        deferred=deferred,
+    )
+    execution_crud.finish_execution(
+        session=s,
+        execution_id=state.execution_id,
+        status=ExecutionStatus.COMPLETED,
+        error=None,
+        started_at=state.started_at,
+        deferred=deferred,
+    )
+    credits = sum(phase.credits_charged or 0 for phase in state.phases)
     return RunResult(Outcome.COMPLETED, phases_run=state.phases_run, credits=credits)
 
 
@@ -642,8 +768,13 @@ def _start_phase(
     node: Any,
     inputs: dict[str, Any],
     started: list[tuple[ExecutionPhase, Any, Any]],
+    deferred: list[tuple[Any, dict[str, Any]]],
 ) -> str | None:
-    """Load the credential, debit, mark running. Returns why the run must stop, or None."""
+    """Load the credential, debit, mark running. Returns why the run must stop, or None.
+
+    The move to running is ``deferred``: written with the transaction's COMMIT. Nothing
+    after it in the same transaction reads or closes the phase (a run that ends in this
+    transaction ends before any phase of the group started)."""
     credential = None
     error = run_error = None
     if node.credential_id is not None:
@@ -685,6 +816,7 @@ def _start_phase(
         status=PhaseStatus.RUNNING,
         inputs=inputs,
         credits_charged=phase.credits_cost,
+        deferred=deferred,
     )
     started.append((phase, node, credential))
     return None

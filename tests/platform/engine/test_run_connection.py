@@ -120,19 +120,21 @@ def test_connection_lost_inside_a_transaction_is_transient_and_resumes(
 ) -> None:
     key = "inside"
     user, ex = _prepare(session, key)
-    real = run_module._record_group
+    real = run_module._start_phase
     calls = {"n": 0}
 
-    def cut_then_record(s, state, run, settings):
+    def cut_then_start(*args):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second phase's results, after the fence: mid-transaction
+        if calls["n"] == 2:
+            # The second phase's start: after the fence and the first phase's results
+            # were sent (and answered), before its debit: mid-transaction.
             _terminate_others(pg_only)
-        return real(s, state, run, settings)
+        return real(*args)
 
-    monkeypatch.setattr(run_module, "_record_group", cut_then_record)
+    monkeypatch.setattr(run_module, "_start_phase", cut_then_start)
     with pytest.raises(TransientError):
         run_execution(ex.id)
-    monkeypatch.setattr(run_module, "_record_group", real)
+    monkeypatch.setattr(run_module, "_start_phase", real)
     session.rollback()
     session.expire_all()
     assert session.get(WorkflowExecution, ex.id).lease_owner is None  # released
