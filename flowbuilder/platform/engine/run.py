@@ -224,7 +224,8 @@ class _RunConnection:
                 break
             except DBAPIError as exc:
                 with contextlib.suppress(Exception):
-                    session.close()
+                    session.close()  # rolls back what the batch began
+                self._driver_idle()
                 if attempt or not exc.connection_invalidated:
                     raise
                 if undo is not None:
@@ -240,6 +241,16 @@ class _RunConnection:
         finally:
             self.deferred = []
             session.close()
+            self._driver_idle()
+
+    def _driver_idle(self) -> None:
+        """Back to the driver's own transactions once the batch's transaction ended."""
+        if not self.batches or self._conn is None or self._conn.invalidated:
+            return
+        with contextlib.suppress(Exception):  # a broken connection is replaced anyway
+            driver = self._conn.connection.driver_connection
+            if driver.autocommit and driver.info.transaction_status == 0:  # IDLE
+                driver.autocommit = False
 
     def _fence(
         self, session: Session, state: RunState, writes: Callable[[Session], Any] | None
@@ -248,8 +259,15 @@ class _RunConnection:
             held, cancel = renew(session, state)
             return held, cancel, (writes(session) if held and writes is not None else None)
         conn = session.connection()
+        driver = conn.connection.driver_connection
         with driver_errors(conn):
-            with conn.connection.driver_connection.pipeline():
+            # psycopg would send its own BEGIN and wait for it (a Sync of its own, one
+            # more round trip): the BEGIN travels in the batch instead. The driver stays
+            # in autocommit mode (it sends no BEGIN of its own) until this transaction
+            # ends, see _driver_idle.
+            driver.autocommit = True
+            with driver.pipeline():
+                driver.execute("BEGIN")
                 answer = send_renew(conn, state)
                 written = writes(session)
             # Sent and answered when the batch closed (one round trip): read, no wait.

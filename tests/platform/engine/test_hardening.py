@@ -220,8 +220,21 @@ def test_data_error_at_write_fails_the_run_not_retried(engine, session: Session,
         raise sa.exc.DataError("UPDATE ...", {}, ValueError("unsupported Unicode escape"))
 
     monkeypatch.setattr(run_module, "_record_group", record_then_refuse)
+    # On psycopg the refused write was in a batch sent in autocommit mode (the batch
+    # carries its own BEGIN): the driver must be back to its own transactions after it,
+    # or every later statement of the run would commit on its own.
+    modes: list[bool] = []
+    real_fence = run_module._RunConnection._fence
+
+    def fence(self, session, state, writes):
+        driver = session.connection().connection.driver_connection
+        modes.append(getattr(driver, "autocommit", False))
+        return real_fence(self, session, state, writes)
+
+    monkeypatch.setattr(run_module._RunConnection, "_fence", fence)
     result = run_execution(ex.id)  # no TransientError: not an infrastructure retry
     assert result.outcome == Outcome.FAILED
+    assert modes and not any(modes), modes
     ex = _reload(session, ex.id)
     assert ex.status == ExecutionStatus.FAILED
     assert "could not be stored" in ex.error and "unsupported Unicode escape" in ex.error
