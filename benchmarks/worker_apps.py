@@ -6,6 +6,7 @@ between a project run and its baseline is the project's code:
 - ``benchmarks.worker_apps:project`` is ``flowbuilder.tasks.app`` itself.
 - ``benchmarks.worker_apps:bare`` is a plain Celery app built from the project's
   ``celery_config`` (same broker, same transport options, same prefetch, acks_late...)
+  on kombu's own SQS transport and Celery's own consumer
   whose tasks do only the work itself (sleep, pass a payload on) and record when they
   start and finish in Redis (the harness reads the times back).
 
@@ -47,6 +48,10 @@ def _bare_config() -> dict[str, Any]:
     config["task_default_queue"] = BARE_QUEUE
     config["task_routes"] = {"bench.*": {"queue": BARE_QUEUE}}
     config.pop("beat_schedule", None)
+    # Stock Celery and kombu: the project's SQS channel (poison messages, batched
+    # acknowledgements) and its consumer are the project's code, measured on its side.
+    config.pop("broker_transport", None)
+    config.pop("worker_consumer", None)
     return config
 
 

@@ -21,11 +21,24 @@ Here, at the boundary where the message enters:
   SQS_DLQ_MAX_RECEIVE_COUNT receives), or ``poison_message_deleted`` when the queue has
   no dead-letter queue at all (the body is logged, truncated, so it is not lost unseen).
 
+Acknowledgements are batched. kombu deletes each acknowledged message with a blocking
+``DeleteMessage`` call inside the worker's event loop: under load a third of the main
+process's time went to waiting for those answers, while nothing else (receiving,
+dispatching to the pool) could happen. Here, in a worker's event loop, an acknowledged
+message is released at once (its prefetch slot is free) and its deletion joins a
+``DeleteMessageBatch`` (up to 10 receipts, one request) sent through kombu's
+asynchronous HTTP client, at most ``ACK_BATCH_SECONDS`` later; whatever is still
+pending when the channel closes is deleted before it closes. A deletion that never
+reaches SQS (the worker killed in between, a failed request) only means the message is
+delivered again after its visibility timeout: a delivery of an execution that has ended
+does nothing (the run's lease and status make every delivery safe to repeat).
+
 The send path is kombu's, unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -33,6 +46,8 @@ from typing import Any
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from celery.worker.consumer.consumer import Consumer as CeleryConsumer
+from kombu.asynchronous import get_event_loop
+from kombu.transport import virtual
 from kombu.transport.SQS import Channel as SQSChannel
 from kombu.transport.SQS import Transport as SQSTransport
 
@@ -46,6 +61,9 @@ REASON_KEY = "flowbuilder_reject_reason"
 _MAX_ATTRIBUTES = 10  # SQS's limit per message
 _OWN_ATTRIBUTES = ("x-poison-reason", "x-source-queue", "x-original-message-id")
 _DLQ_CACHE_SECONDS = 300.0
+# How long an acknowledged message may wait for others to share its DeleteMessageBatch.
+ACK_BATCH_SECONDS = 0.05
+_ACK_BATCH_MAX = 10  # SQS's limit per DeleteMessageBatch
 
 
 class _Poison(Exception):
@@ -94,6 +112,88 @@ class Channel(SQSChannel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dead_letter_urls: dict[str, tuple[str | None, float]] = {}
+        # Receipt handles acknowledged but not yet deleted, by queue URL (with its name).
+        self._pending_deletes: dict[str, tuple[str | None, list[str]]] = {}
+        self._ack_timer: Any = None
+
+    # --- acknowledging -------------------------------------------------------------------
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        hub = get_event_loop()
+        try:
+            info = self.qos.get(delivery_tag).delivery_info
+            handle = info["sqs_message"]["ReceiptHandle"]
+            queue_url = info["sqs_queue"]
+        except (KeyError, TypeError):
+            return super().basic_ack(delivery_tag, multiple)
+        if hub is None:  # no event loop (a script, the solo pool's tests): kombu's own
+            return super().basic_ack(delivery_tag, multiple)
+        # The delivery is released now: its prefetch slot is free for the next message.
+        virtual.Channel.basic_ack(self, delivery_tag, multiple)
+        queue = self.canonical_queue_name(info["routing_key"]) if "routing_key" in info else None
+        _name, handles = self._pending_deletes.setdefault(queue_url, (queue, []))
+        handles.append(handle)
+        if len(handles) >= _ACK_BATCH_MAX:
+            self._send_deletes(queue_url)
+        elif self._ack_timer is None:
+            self._ack_timer = hub.call_later(ACK_BATCH_SECONDS, self._flush_deletes)
+        return None
+
+    def _flush_deletes(self) -> None:
+        self._ack_timer = None
+        for queue_url in list(self._pending_deletes):
+            self._send_deletes(queue_url)
+
+    def _send_deletes(self, queue_url: str) -> None:
+        queue, handles = self._pending_deletes.pop(queue_url, (None, []))
+        for start in range(0, len(handles), _ACK_BATCH_MAX):
+            entries = [
+                {"Id": str(i), "ReceiptHandle": h}
+                for i, h in enumerate(handles[start : start + _ACK_BATCH_MAX])
+            ]
+            try:
+                self.asynsqs(queue=queue).make_request(
+                    "DeleteMessageBatch",
+                    {},
+                    queue_url,
+                    "POST",
+                    callback=_deleted_callback(queue_url, len(entries)),
+                    protocol_params={
+                        "json": {"Entries": entries},
+                        "query": {
+                            f"DeleteMessageBatchRequestEntry.{n}.{key}": value
+                            for n, entry in enumerate(entries, 1)
+                            for key, value in entry.items()
+                        },
+                    },
+                )
+            except Exception as exc:  # noqa: BLE001 - redelivered later, which is safe
+                _log_undeleted(queue_url, len(entries), exc)
+
+    def _delete_pending_now(self) -> None:
+        """Delete what is still pending with blocking calls (the channel is closing)."""
+        if self._ack_timer is not None:
+            with contextlib.suppress(Exception):
+                self._ack_timer.cancel()
+            self._ack_timer = None
+        pending, self._pending_deletes = self._pending_deletes, {}
+        for queue_url, (queue, handles) in pending.items():
+            for start in range(0, len(handles), _ACK_BATCH_MAX):
+                chunk = handles[start : start + _ACK_BATCH_MAX]
+                entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)]
+                try:
+                    answer = self.sqs(queue=queue).delete_message_batch(
+                        QueueUrl=queue_url, Entries=entries
+                    )
+                    if answer.get("Failed"):
+                        _log_undeleted(queue_url, len(answer["Failed"]), answer["Failed"][0])
+                except Exception as exc:  # noqa: BLE001 - redelivered later, which is safe
+                    _log_undeleted(queue_url, len(entries), exc)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._delete_pending_now()
+        super().close()
 
     # --- receiving -----------------------------------------------------------------------
 
@@ -204,6 +304,41 @@ class Channel(SQSChannel):
             )
             return
         logger.error("poison_message_dead_lettered", **fields, dead_letter_queue=dlq_url)
+
+
+def _log_undeleted(queue_url: str, count: int, error: Any) -> None:
+    logger.warning(
+        "sqs_ack_not_deleted",
+        queue=queue_url.rsplit("/", 1)[-1],
+        messages=count,
+        error=str(error)[:200],
+        consequence="delivered again after the visibility timeout; a repeated delivery is safe",
+    )
+
+
+def _deleted_callback(queue_url: str, count: int) -> Any:
+    """The DeleteMessageBatch answer: failures are logged, never raised into the loop."""
+
+    def on_response(response: Any) -> None:  # kombu's AsyncHTTPResponse
+        try:
+            status, body = response.status, response.read() or b""
+        except Exception as exc:  # noqa: BLE001 - never raise into the event loop
+            _log_undeleted(queue_url, count, exc)
+            return
+        if status != 200:
+            _log_undeleted(queue_url, count, f"HTTP {status}: {body[:150]!r}")
+            return
+        # JSON protocol: {"Successful": [...], "Failed": [...]}; query protocol: XML with
+        # a <BatchResultErrorEntry> per failure.
+        if b"BatchResultErrorEntry" in body:
+            _log_undeleted(queue_url, body.count(b"<BatchResultErrorEntry>"), body[:150])
+            return
+        with contextlib.suppress(ValueError, AttributeError):
+            failed = json.loads(body).get("Failed") or []
+            if failed:
+                _log_undeleted(queue_url, len(failed), failed[0])
+
+    return on_response
 
 
 def _get(message: Any, key: str) -> Any:

@@ -391,3 +391,32 @@ def test_redrive_policy_moves_a_poison_message_to_the_dead_letter_queue(
     assert sqs.receive_messages(work, max_number=1, wait_time=1) == []
     dead = sqs.receive_messages(dlq, max_number=1, wait_time=1)
     assert [m["Body"] for m in dead] == ["poison"]
+
+
+def test_acknowledged_messages_are_deleted_in_batches(
+    spawn_worker: Any, worker_settings: Any, pg_session: Session
+) -> None:
+    """Acknowledgements leave the worker's loop as DeleteMessageBatch requests: every
+    message of a burst is deleted (not merely invisible until its visibility timeout,
+    which would deliver it again), and the worker says nothing about undeleted ones."""
+    url = _queue_url(worker_settings)
+    user = make_user(pg_session, credits=100)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    ids = []
+    for _ in range(14):  # more than one batch of 10
+        ids.append(enqueue_execution(pg_session, wf.id, user.id).id)
+        pg_session.commit()
+    worker = spawn_worker()
+    for execution_id in ids:
+        assert wait_done(pg_session, execution_id).status == ExecutionStatus.COMPLETED
+
+    def queue_empty() -> bool:
+        attrs = sqs.queue_attributes(url)
+        return (
+            attrs["ApproximateNumberOfMessages"] == "0"
+            and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+        )
+
+    wait_for(queue_empty, 10)
+    assert "sqs_ack_not_deleted" not in worker.text()
