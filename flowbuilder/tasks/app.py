@@ -282,13 +282,17 @@ def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -
     if correlation and CORRELATION_HEADER not in headers:
         headers[CORRELATION_HEADER] = correlation
     name = getattr(task, "name", None)
-    # Looked up once by the worker's main process (a database read per task) and handed
-    # over with the request; looked up here only when it was not (eager apply).
+    # The message's ids come from the worker's main process with the request (or from
+    # the request itself, eager apply). The execution's owner ids are not read here: the
+    # run binds them itself once it has claimed the execution (its first read), and
+    # Celery's own lines read them only if one is written (logcontext.TaskLogContext).
     context = logcontext.passed_context(request)
     if context is None:
-        context = logcontext.context_for(name, headers, getattr(request, "argsrepr", None), task_id)
+        context = logcontext.context_for(
+            name, headers, getattr(request, "argsrepr", None), task_id, owners=False
+        )
     logcontext.remember(task_id, context)  # Celery's own lines in this (child) process
-    bind_context(task_id=task_id, task_name=name, **context)
+    bind_context(task_id=task_id, task_name=name, **logcontext.public(context))
 
 
 @signals.task_postrun.connect

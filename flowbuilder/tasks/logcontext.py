@@ -138,13 +138,19 @@ def _owner_ids(execution_id: str) -> dict[str, str]:
 
 
 def context_for(
-    task_name: str | None, headers: dict[str, Any], argsrepr: Any, task_id: str | None = None
+    task_name: str | None,
+    headers: dict[str, Any],
+    argsrepr: Any,
+    task_id: str | None = None,
+    *,
+    owners: bool = True,
 ) -> dict[str, str]:
     """The log fields of a task: from the headers (strings only, length-capped: they come
-    from the queue) and, for execute_workflow, from its execution's row."""
+    from the queue) and, for execute_workflow, from its execution's row (``owners``; or
+    later, when a line needs them: :func:`with_owners`)."""
     known = lookup(task_id)
     if known is not None:
-        return known
+        return with_owners(task_id, known) if owners else known
     out: dict[str, str] = {}
     value = headers.get(HEADERS["correlation_id"])
     if isinstance(value, str) and value:
@@ -154,8 +160,29 @@ def context_for(
         match = _UUID.search(str(argsrepr)[:200])
         if match:
             out["execution_id"] = match.group(0)
-            out.update(_owner_ids(out["execution_id"]))
+            if owners:
+                out.update(_owner_ids(out["execution_id"]))
+                out[_LOOKED_UP] = "1"
     return out
+
+
+# Marks a context whose owner ids were read (found or not): never read twice.
+_LOOKED_UP = "_owners_read"
+
+
+def with_owners(task_id: str | None, context: dict[str, str]) -> dict[str, str]:
+    """``context`` with its execution's workflow and user ids, read the first time a
+    line needs them (then remembered for the task)."""
+    if "execution_id" not in context or _LOOKED_UP in context:
+        return context
+    full = {**context, **_owner_ids(context["execution_id"]), _LOOKED_UP: "1"}
+    if task_id:
+        remember(task_id, full)
+    return full
+
+
+def public(context: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in context.items() if k in LOG_FIELDS}
 
 
 def remember(task_id: str | None, context: dict[str, str]) -> None:
@@ -182,15 +209,21 @@ PASSED_CONTEXT = "flowbuilder_log_context"
 
 class ContextRequest(Request):
     """The worker's request for our tasks: remembers the message's log context and
-    passes it to the child that runs the task."""
+    passes it to the child that runs the task.
+
+    The execution's owner ids are not read here: this runs in the main process's event
+    loop for every message, and a database round trip there holds up receiving,
+    dispatching and acknowledging for the whole pool. They are read when one of
+    Celery's lines about the task is actually written (:class:`TaskLogContext`): at
+    LOG_LEVEL=WARNING, only for a task that fails."""
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
-        context = context_for(self.name, self._request_dict, self._argsrepr)
+        context = context_for(self.name, self._request_dict, self._argsrepr, owners=False)
         remember(self.id, context)
         # Always set here, after the message's own headers were copied in: a header of
         # that name in a message is replaced, never trusted.
-        self._request_dict[PASSED_CONTEXT] = dict(context)
+        self._request_dict[PASSED_CONTEXT] = public(context)
 
 
 def passed_context(request: Any) -> dict[str, str] | None:
@@ -211,7 +244,10 @@ class TaskLogContext(logging.Filter):
         if context is None and isinstance(record.args, tuple):
             for arg in record.args:
                 if isinstance(arg, str) and (context := lookup(arg)):
+                    task_id = arg
                     break
+        if context is not None:
+            context = public(with_owners(task_id, context))
         for key, value in (context or {}).items():
             if not hasattr(record, key):
                 setattr(record, key, value)

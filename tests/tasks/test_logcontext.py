@@ -181,3 +181,61 @@ def test_the_owner_lookup_holds_one_connection_and_survives_losing_it(
     assert logcontext._held is not held
     assert logcontext._lookups_paused_until < time.monotonic()
     logcontext._drop_connection()
+
+
+def test_owner_ids_are_read_only_when_a_line_needs_them(
+    json_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main process reads nothing per message: the execution's owner ids are read
+    when Celery writes a line about the task (once per task), and never when the level
+    filters every such line out."""
+    from kombu import Message
+
+    from flowbuilder.tasks.app import app as celery_app
+    from flowbuilder.tasks.execution import execute_workflow
+
+    owners = {"workflow_id": str(uuid.uuid4()), "user_id": str(uuid.uuid4())}
+    reads: list[str] = []
+
+    def owner_ids(execution_id: str) -> dict[str, str]:
+        reads.append(execution_id)
+        return owners
+
+    monkeypatch.setattr(logcontext, "_owner_ids", owner_ids)
+
+    def request_for(execution_id: str) -> logcontext.ContextRequest:
+        task_message = celery_app.amqp.as_task_v2(
+            str(uuid.uuid4()), execute_workflow.name, args=[execution_id]
+        )
+        message = Message(
+            body=json.dumps(task_message.body),
+            headers=dict(task_message.headers),
+            content_type="application/json",
+            content_encoding="utf-8",
+            properties=task_message.properties,
+            delivery_info={},
+        )
+        return logcontext.ContextRequest(message, app=celery_app, task=execute_workflow)
+
+    received = logging.getLogger("celery.worker.strategy")
+    execution_id = str(uuid.uuid4())
+    request = request_for(execution_id)
+    assert reads == []  # none when the message is received
+    assert "user_id" not in request._request_dict[logcontext.PASSED_CONTEXT]
+    data = {"id": request.id, "name": execute_workflow.name}
+    for _ in range(2):
+        received.info(trace.LOG_RECEIVED, data, extra={"data": data})
+    assert reads == [execution_id]  # read once, for the first line written
+    [*_, line] = _records(json_logs.getvalue())
+    assert line["user_id"] == owners["user_id"] and line["execution_id"] == execution_id
+
+    quiet_id = str(uuid.uuid4())
+    quiet = request_for(quiet_id)
+    saved = received.level
+    received.setLevel(logging.WARNING)
+    try:
+        data = {"id": quiet.id, "name": execute_workflow.name}
+        received.info(trace.LOG_RECEIVED, data, extra={"data": data})
+    finally:
+        received.setLevel(saved)
+    assert quiet_id not in reads
