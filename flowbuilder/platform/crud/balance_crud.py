@@ -10,12 +10,15 @@ with it).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
-from flowbuilder.platform.crud._sql import upsert
+from flowbuilder.platform.crud._sql import send_returning, upsert
 from flowbuilder.platform.errors import Conflict, InsufficientCredits, ValidationFailed
 from flowbuilder.platform.models import BalanceTransaction, LedgerKind, UserBalance, utcnow
 
@@ -298,23 +301,53 @@ def debit_once(
     _row_id, _now, balance_after = _debit(
         session, user_id, amount, idempotency_key, execution_id, phase_id, reason
     )
+    return _debited_now(session, user_id, amount, idempotency_key, balance_after)
+
+
+def _debited_now(
+    session: Session, user_id: uuid.UUID, amount: int, key: str, balance_after: int | None
+) -> bool:
     if balance_after is not None:
         return True
-    _already_debited(session, user_id, amount, idempotency_key)
+    _already_debited(session, user_id, amount, key)
     return False
 
 
-def _debit(
-    session: Session,
+def send_debit_once(
+    *,
+    connection: Connection,
+    user_id: uuid.UUID,
+    amount: int,
+    idempotency_key: str,
+    execution_id: uuid.UUID | None = None,
+    phase_id: uuid.UUID | None = None,
+    reason: str | None = None,
+) -> Callable[[Session], bool]:
+    """:func:`debit_once` queued in a batch (PostgreSQL on psycopg, see
+    ``_sql.send_returning``): the same statement. Returns the function that finishes it
+    once the batch is answered, as debit_once does: True when debited now, False when the
+    key was debited already, InsufficientCredits when the balance is short."""
+    _row_id, _now, params, undo = _debit_params(
+        user_id, amount, idempotency_key, execution_id, phase_id, reason
+    )
+    cursor = send_returning(connection, _PG_DEBIT, params)
+
+    def finish(session: Session) -> bool:
+        debited, recorded = cursor.fetchone()
+        recorded = _undo_unrecorded(session.connection(), undo, debited, recorded)
+        return _debited_now(session, user_id, amount, idempotency_key, recorded)
+
+    return finish
+
+
+def _debit_params(
     user_id: uuid.UUID,
     amount: int,
     idempotency_key: str,
     execution_id: uuid.UUID | None,
     phase_id: uuid.UUID | None,
     reason: str | None,
-) -> tuple[uuid.UUID, datetime, int | None]:
-    """The debit's statements: ``(ledger row id, time, balance after)``; the balance is
-    None when nothing was recorded (the key exists, or the balance is short)."""
+) -> tuple[uuid.UUID, datetime, dict[str, Any], dict[str, Any]]:
     if amount <= 0:
         raise ValidationFailed([f"amount: must be positive, got {amount}"], what="debit")
     row_id, now = uuid.uuid4(), utcnow()
@@ -330,16 +363,39 @@ def _debit(
         "now": now,
     }
     undo = {"b_user_id": user_id, "b_amount": amount, "b_now": now}
+    return row_id, now, params, undo
+
+
+def _undo_unrecorded(
+    conn: Connection, undo: dict[str, Any], debited: int | None, recorded: int | None
+) -> int | None:
+    if debited is not None and recorded is None:
+        # The key was recorded by a racing transaction: give the credits back.
+        conn.execute(_UNDO_DECREMENT, undo)
+    return recorded
+
+
+def _debit(
+    session: Session,
+    user_id: uuid.UUID,
+    amount: int,
+    idempotency_key: str,
+    execution_id: uuid.UUID | None,
+    phase_id: uuid.UUID | None,
+    reason: str | None,
+) -> tuple[uuid.UUID, datetime, int | None]:
+    """The debit's statements: ``(ledger row id, time, balance after)``; the balance is
+    None when nothing was recorded (the key exists, or the balance is short)."""
+    row_id, now, params, undo = _debit_params(
+        user_id, amount, idempotency_key, execution_id, phase_id, reason
+    )
     # Core statements on the session's connection (the ORM's execute path adds nothing
     # here); what the session holds pending (a new balance row) is flushed first.
     session.flush()
     conn = session.connection()
     if conn.dialect.name == "postgresql":
         debited, recorded = conn.execute(_PG_DEBIT, params).one()
-        if debited is not None and recorded is None:
-            # The key was recorded by a racing transaction: give the credits back.
-            conn.execute(_UNDO_DECREMENT, undo)
-        return row_id, now, recorded
+        return row_id, now, _undo_unrecorded(conn, undo, debited, recorded)
     balance_after = conn.execute(_SQLITE_RECORD, params).scalar_one_or_none()
     if balance_after is not None and conn.execute(_SQLITE_DECREMENT, undo).rowcount != 1:
         raise RuntimeError("debit: the balance changed under the write lock")  # pragma: no cover

@@ -551,6 +551,10 @@ def _run_phases(
     raise AssertionError("unreachable")  # the loop always returns
 
 
+class _Unspeculate(Exception):
+    """The next phase's debit went with the fence, but the phase must not start."""
+
+
 def _step(
     db: _RunConnection,
     state: RunState,
@@ -559,23 +563,82 @@ def _step(
     previous: _GroupRun | None,
     planned: dict[str, Any],
     settings: Any,
+    *,
+    speculate: bool = True,
 ) -> _GroupRun | RunResult:
-    """One transaction: record ``previous``, start ``group`` (or end the run)."""
-    # A phase whose nodes all produced a result is recorded with writes only (the logs,
-    # the results): they travel with the fence. One that failed also refunds and may end
-    # the run, which reads results: recorded after the fence.
+    """One transaction: record ``previous``, start ``group`` (or end the run).
+
+    On psycopg the common case is two round trips. A phase whose nodes all produced a
+    result is recorded with writes only (the logs, the results): they travel with the
+    fence. When the next phase is one node without a credential, its debit travels there
+    too: its answer comes back with the fence's. If the fence then says the phase must
+    not start (the run was cancelled or is out of time), the whole transaction is rolled
+    back, the debit with it, and the step is made again without it. One that failed also
+    refunds and may end the run, which reads results: recorded after the fence."""
     succeeded = (
         previous is not None
         and previous.refusal is None
         and all(outcome.error is None for outcome in previous.outcomes)
     )
+    ahead = None  # the phase whose debit travels with the fence
+    if speculate and succeeded and db.batches and group is not None and len(group) == 1:
+        node = planned[group[0].node_id]
+        if node.credential_id is None and group[0].credits_cost > 0:
+            ahead = group[0]
     writes = undo = None
     if succeeded:
         assert previous is not None
         run = previous
-        writes = lambda s: _record_group(s, state, run, settings)  # noqa: E731
+
+        def writes(s: Session) -> Any:
+            _record_group(s, state, run, settings)
+            return _send_debit_ahead(s, state, ahead) if ahead is not None else None
+
         undo = _memory_snapshot(state, previous)
-    with db.fenced(state, writes, undo) as (s, held, cancel, _written):
+    try:
+        return _fenced_step(
+            db, state, heartbeat, group, previous, planned, settings, succeeded, writes, undo
+        )
+    except _Unspeculate:
+        if undo is not None:
+            undo()
+        return _step(db, state, heartbeat, group, previous, planned, settings, speculate=False)
+
+
+def _send_debit_ahead(s: Session, state: RunState, phase: ExecutionPhase) -> Any:
+    """The phase's inputs and its debit, queued in the fence's batch; None when its
+    inputs do not resolve (then it fails on the common path, charged nothing)."""
+    try:
+        inputs = state.plan.resolve_inputs(
+            phase.node_id, state.outputs_by_node, hand_over_sole=True
+        )
+    except FlowBuilderError:
+        return None
+    debit = balance_crud.send_debit_once(
+        connection=s.connection(),
+        user_id=state.user_id,
+        amount=phase.credits_cost,
+        idempotency_key=f"phase:{phase.id}",
+        execution_id=state.execution_id,
+        phase_id=phase.id,
+        reason=f"{phase.node_type} {phase.node_id}",
+    )
+    return inputs, debit
+
+
+def _fenced_step(
+    db: _RunConnection,
+    state: RunState,
+    heartbeat: Heartbeat,
+    group: list[ExecutionPhase] | None,
+    previous: _GroupRun | None,
+    planned: dict[str, Any],
+    settings: Any,
+    succeeded: bool,
+    writes: Callable[[Session], Any] | None,
+    undo: Callable[[], None] | None,
+) -> _GroupRun | RunResult:
+    with db.fenced(state, writes, undo) as (s, held, cancel, ahead):
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
         if previous is not None and not succeeded:
@@ -584,16 +647,23 @@ def _step(
                 return ended
         if group is None:
             return _complete(s, state, db.deferred)
+        stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
+        if stop and ahead is not None:
+            raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
         if cancel or heartbeat.cancelled.is_set():
             return _cancel_run(s, state)
         if state.deadline - time.monotonic() <= 0:
             return _fail_run(s, state, _timeout_message(settings))
         current = _GroupRun()
         for phase in group:
+            debit = None
             try:
-                current.inputs[phase.id] = state.plan.resolve_inputs(
-                    phase.node_id, state.outputs_by_node, hand_over_sole=True
-                )
+                if ahead is not None:
+                    current.inputs[phase.id], debit = ahead
+                else:
+                    current.inputs[phase.id] = state.plan.resolve_inputs(
+                        phase.node_id, state.outputs_by_node, hand_over_sole=True
+                    )
             except FlowBuilderError as exc:  # a required input upstream did not produce
                 phase_crud.record_phase(
                     session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
@@ -608,6 +678,7 @@ def _step(
                 current.inputs[phase.id],
                 current.started,
                 db.deferred,
+                debit,
             )
             if current.refusal is not None:
                 # The rest of this phase does not start; what started still runs.
@@ -787,6 +858,7 @@ def _start_phase(
     inputs: dict[str, Any],
     started: list[tuple[ExecutionPhase, Any, Any]],
     deferred: list[tuple[Any, dict[str, Any]]],
+    debit: Callable[[Session], bool] | None = None,
 ) -> str | None:
     """Load the credential, debit, mark running. Returns why the run must stop, or None.
 
@@ -814,15 +886,18 @@ def _start_phase(
             run_error = f"phase {phase.node_id} ({phase.node_type}) failed: {error}"
     if error is None and phase.credits_cost > 0:
         try:
-            balance_crud.debit_once(
-                session=s,
-                user_id=state.user_id,
-                amount=phase.credits_cost,
-                idempotency_key=f"phase:{phase.id}",
-                execution_id=state.execution_id,
-                phase_id=phase.id,
-                reason=f"{phase.node_type} {phase.node_id}",
-            )
+            if debit is not None:  # sent with the fence (see _step): its answer is here
+                debit(s)
+            else:
+                balance_crud.debit_once(
+                    session=s,
+                    user_id=state.user_id,
+                    amount=phase.credits_cost,
+                    idempotency_key=f"phase:{phase.id}",
+                    execution_id=state.execution_id,
+                    phase_id=phase.id,
+                    reason=f"{phase.node_type} {phase.node_id}",
+                )
         except InsufficientCredits as exc:
             error = run_error = str(exc)
     if error is not None:

@@ -351,8 +351,10 @@ def test_cancel_before_next_phase(engine, session: Session) -> None:
         for p in phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     ]
     assert statuses == [PhaseStatus.COMPLETED, PhaseStatus.CANCELLED, PhaseStatus.CANCELLED]
-    # Charged for the one phase that ran, nothing more.
+    # Charged for the one phase that ran, nothing more: on psycopg the next phase's
+    # debit went with the fence that found the cancellation, and was rolled back.
     assert balance_crud.get_balance(session=session, user_id=user.id) == 9
+    assert balance_crud.ledger_total(session=session, user_id=user.id) == 9
 
 
 def test_cancel_pending_never_runs(engine, session: Session) -> None:
