@@ -581,20 +581,27 @@ def _step(
         and all(outcome.error is None for outcome in previous.outcomes)
     )
     ahead = None  # the phase whose debit travels with the fence
-    if speculate and succeeded and db.batches and group is not None and len(group) == 1:
-        node = planned[group[0].node_id]
-        if node.credential_id is None and group[0].credits_cost > 0:
-            ahead = group[0]
+    if (
+        speculate
+        and db.batches
+        and (previous is None or succeeded)
+        and group is not None
+        and len(group) == 1
+        and planned[group[0].node_id].credential_id is None
+        and group[0].credits_cost > 0
+    ):
+        ahead = group[0]
     writes = undo = None
-    if succeeded:
-        assert previous is not None
-        run = previous
+    if succeeded or ahead is not None:
+        run = previous if succeeded else None
 
         def writes(s: Session) -> Any:
-            _record_group(s, state, run, settings)
+            if run is not None:
+                _record_group(s, state, run, settings)
             return _send_debit_ahead(s, state, ahead) if ahead is not None else None
 
-        undo = _memory_snapshot(state, previous)
+        if run is not None:
+            undo = _memory_snapshot(state, run)
     try:
         return _fenced_step(
             db, state, heartbeat, group, previous, planned, settings, succeeded, writes, undo
