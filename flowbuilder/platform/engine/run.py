@@ -499,8 +499,9 @@ def _step(
         current = _GroupRun()
         for phase in group:
             try:
+                # serialised: their stored text reuses the upstream outputs' text.
                 current.inputs[phase.id] = state.plan.resolve_inputs(
-                    phase.node_id, state.outputs_by_node, hand_over_sole=True
+                    phase.node_id, state.outputs_by_node, hand_over_sole=True, serialised=True
                 )
             except FlowBuilderError as exc:  # a required input upstream did not produce
                 phase_crud.record_phase(
