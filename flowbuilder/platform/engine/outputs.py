@@ -90,7 +90,9 @@ def _loads(text: str) -> Any:
     """json.loads without the cyclic collector's pauses: 100 KB of small records are
     thousands of new containers, which trigger collections that walk every container the
     run holds (the earlier phases' outputs), several times per call. JSON makes no cycles,
-    so nothing is left for the collector; counting resumes when it is enabled again."""
+    so nothing is left for the collector; counting resumes when it is enabled again.
+    Nodes of one phase run in threads: another thread's collection is at most delayed,
+    and the collector ends enabled, as found (nothing in the project disables it)."""
     if not gc.isenabled():
         return json.loads(text)
     gc.disable()
