@@ -35,13 +35,42 @@ class SerialisedJSON(dict):  # type: ignore[type-arg]
     (:func:`dumps_json`) writes ``text`` instead of serialising the object a second time
     (node outputs are serialised once already, to measure them). To everything else it is
     the plain dict it holds, so an engine without that serialiser still stores it right.
+
+    ``parts``, when known, maps each key to the JSON text of its value as it appears in
+    ``text``: a phase's inputs are composed from these instead of serialising the
+    upstream outputs again (:meth:`~flowbuilder.platform.plan.ExecutionPlan.resolve_inputs`).
+    Wrapping a SerialisedJSON again with its own text keeps its parts.
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "parts")
 
-    def __init__(self, value: dict[str, Any], text: str) -> None:
+    def __init__(
+        self, value: dict[str, Any], text: str, parts: dict[str, str] | None = None
+    ) -> None:
         super().__init__(value)
         self.text = text
+        if parts is None and type(value) is SerialisedJSON and value.text == text:
+            parts = value.parts
+        self.parts = parts
+
+
+def object_text(parts: dict[str, str]) -> str:
+    """The JSON text of an object whose values' texts are ``parts`` (key: value text),
+    compact, keys written as the node boundary writes them (not ASCII-escaped)."""
+    members = [json.dumps(key, ensure_ascii=False) + ":" + part for key, part in parts.items()]
+    return "{" + ",".join(members) + "}"
+
+
+def serialised_object(value: dict[str, Any], known: dict[str, str]) -> SerialisedJSON:
+    """``value`` (a dict with string keys) with its JSON text, taking the text of the
+    values named in ``known`` from there (e.g. the upstream outputs' parts, see
+    :class:`SerialisedJSON`) instead of serialising them again; the others are
+    serialised as :func:`dumps_json` does. Raises what json.dumps raises."""
+    parts = {
+        key: known[key] if key in known else json.dumps(item, separators=(",", ":"))
+        for key, item in value.items()
+    }
+    return SerialisedJSON(value, object_text(parts), parts)
 
 
 def dumps_json(value: Any) -> str:

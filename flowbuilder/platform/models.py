@@ -428,6 +428,28 @@ class ExecutionPhase(SQLModel, table=True):
     duration_ms: int | None = None
 
 
+def _lz4_available(ddl: Any, target: Any, bind: sa.Connection, **kw: Any) -> bool:
+    """PostgreSQL 14+ built with lz4 (its compression setting offers it)."""
+    row = bind.exec_driver_sql(
+        "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' "
+        "AND 'lz4' = ANY(enumvals)"
+    ).first()
+    return row is not None
+
+
+# A phase's inputs and outputs are the largest documents the engine writes, one of each
+# per phase: lz4 compresses them several times faster than the default pglz. Migration
+# perf_0001 sets this; create_all (tests, benchmarks) gets it here.
+sa.event.listen(
+    ExecutionPhase.__table__,
+    "after_create",
+    sa.DDL(
+        "ALTER TABLE execution_phase ALTER COLUMN inputs SET COMPRESSION lz4, "
+        "ALTER COLUMN outputs SET COMPRESSION lz4"
+    ).execute_if(dialect="postgresql", callable_=_lz4_available),
+)
+
+
 class ExecutionLog(SQLModel, table=True):
     __tablename__ = "execution_log"
     __table_args__ = (

@@ -21,7 +21,7 @@ from typing import Any
 
 from flowbuilder.platform.definitions import WorkflowDefinition
 from flowbuilder.platform.errors import FlowBuilderError
-from flowbuilder.platform.jsonvalues import copy_json
+from flowbuilder.platform.jsonvalues import SerialisedJSON, copy_json, serialised_object
 from flowbuilder.platform.nodes import find_node_type
 from flowbuilder.platform.nodes.base import NodeError
 
@@ -170,6 +170,7 @@ class ExecutionPlan:
         outputs_by_node: Mapping[str, Mapping[str, Any]],
         *,
         hand_over_sole: bool = False,
+        serialised: bool = False,
     ) -> dict[str, Any]:
         """The inputs ``node_id`` runs with: port defaults, overridden by its static
         inputs, overridden by the values arriving on its incoming edges.
@@ -184,9 +185,16 @@ class ExecutionPlan:
         it. Raises MissingInput
         when a required input ends up without a value (e.g. an upstream node did not
         produce the output), PlanError when an upstream node has not run.
+
+        With ``serialised`` (the engine, which stores the inputs), the inputs come as a
+        :class:`~flowbuilder.platform.jsonvalues.SerialisedJSON` whose text reuses the
+        text of each upstream output value when the upstream outputs carry it (their
+        ``parts``, made at the node boundary): a large output passed on is not
+        serialised a second time to store the inputs.
         """
         node = self.node(node_id)
         inputs: dict[str, Any] = {}
+        known: dict[str, str] = {}  # with serialised: the JSON text of bound inputs
         for name, value in node.defaults.items():
             if value is not None:
                 inputs[name] = copy_json(value)
@@ -207,9 +215,20 @@ class ExecutionPlan:
                     and self._readers.get((binding.source_node, binding.source_handle)) == 1
                 )
                 inputs[binding.input] = value if sole else copy_json(value)
+                if serialised:
+                    part = _part(upstream, binding.source_handle)
+                    if part is None:
+                        known.pop(binding.input, None)
+                    else:
+                        known[binding.input] = part
         for name in node.required_inputs:
             if inputs.get(name) is None:
                 raise MissingInput(f"required input {name!r} of node {node_id!r} has no value")
+        if serialised:
+            try:
+                return serialised_object(inputs, known)
+            except (TypeError, ValueError, RecursionError):
+                pass  # not JSON after all: the database's serialiser decides, as before
         return inputs
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,6 +253,13 @@ class ExecutionPlan:
         if "total_credits" in data and data["total_credits"] != plan.total_credits:
             raise PlanError("stored execution plan: total_credits does not match its nodes")
         return plan
+
+
+def _part(outputs: Mapping[str, Any], handle: str) -> str | None:
+    """The JSON text of ``outputs[handle]`` when the outputs carry it, else None."""
+    if type(outputs) is SerialisedJSON and outputs.parts is not None:
+        return outputs.parts.get(handle)
+    return None
 
 
 def build_plan(definition: WorkflowDefinition) -> ExecutionPlan:

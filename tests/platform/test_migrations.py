@@ -164,3 +164,42 @@ def test_upgrade_engine_uses_the_given_connection(fresh_pg_url: str) -> None:
         engine.dispose()
     assert _version(fresh_pg_url) == [_head()]
     assert _tables(fresh_pg_url) == EXPECTED_TABLES | {"alembic_version"}
+
+
+def _phase_json_compression(url: str) -> dict[str, str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT attname, attcompression FROM pg_attribute "
+                "WHERE attrelid = 'execution_phase'::regclass AND attname IN ('inputs', 'outputs')"
+            )
+            return {name: compression for name, compression in rows}
+    finally:
+        engine.dispose()
+
+
+def test_phase_inputs_and_outputs_are_compressed_with_lz4(fresh_pg_url: str) -> None:
+    """perf_0001 (PostgreSQL): lz4, faster than the default pglz for large documents;
+    its downgrade returns to the default; create_all (tests, benchmarks) matches."""
+    migrate.upgrade(database_url=fresh_pg_url)
+    assert _phase_json_compression(fresh_pg_url) == {"inputs": "l", "outputs": "l"}
+    migrate.downgrade("beat_0001", database_url=fresh_pg_url)
+    assert _phase_json_compression(fresh_pg_url) == {"inputs": "", "outputs": ""}
+    migrate.upgrade(database_url=fresh_pg_url)
+    assert _phase_json_compression(fresh_pg_url) == {"inputs": "l", "outputs": "l"}
+    with db.temporary_database(PG_ADMIN_URL, "flowbuilder_create_all") as url:
+        engine = sa.create_engine(url)
+        try:
+            SQLModel.metadata.create_all(engine)
+        finally:
+            engine.dispose()
+        assert _phase_json_compression(url) == {"inputs": "l", "outputs": "l"}
+
+
+def test_the_compression_migration_is_a_no_op_on_sqlite(fresh_sqlite_url: str) -> None:
+    migrate.upgrade("beat_0001", database_url=fresh_sqlite_url)
+    migrate.upgrade(database_url=fresh_sqlite_url)
+    assert _version(fresh_sqlite_url) == ["perf_0001"]
+    migrate.downgrade("beat_0001", database_url=fresh_sqlite_url)
+    assert _version(fresh_sqlite_url) == ["beat_0001"]

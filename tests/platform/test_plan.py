@@ -17,7 +17,9 @@ from flowbuilder.platform.definitions import (
     WorkflowDefinition,
     validate_definition,
 )
+from flowbuilder.platform.engine.outputs import storable_outputs_text
 from flowbuilder.platform.errors import ValidationFailed
+from flowbuilder.platform.jsonvalues import SerialisedJSON, dumps_json
 from flowbuilder.platform.nodes import get_node_type, node_types
 from flowbuilder.platform.plan import ExecutionPlan, MissingInput, PlanError, build_plan
 
@@ -432,3 +434,103 @@ def test_resolve_inputs_hands_over_an_output_only_one_input_reads() -> None:
     shared["value"]["deep"].append(2)
     assert plan.resolve_inputs("x", upstream, hand_over_sole=True)["value"] == {"deep": [1]}
     assert shared["json"] is not plan.node("w").static_inputs["json"]
+
+
+# --- inputs with their stored text ----------------------------------------------------------
+
+
+def _stored(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Outputs as the engine keeps them: made storable at the node boundary."""
+    return storable_outputs_text(outputs, max_bytes=10**6, max_depth=64)[0]
+
+
+def _check_text(resolved: dict[str, Any], plain: dict[str, Any]) -> None:
+    assert type(resolved) is SerialisedJSON and resolved == plain
+    assert json.loads(resolved.text) == json.loads(json.dumps(plain)) == resolved
+    assert dumps_json(resolved) is resolved.text  # what the database is sent
+    resolved.text.encode()  # UTF-8: no lone surrogate
+    assert "\\u0000" not in resolved.text.replace("\\\\", "")
+
+
+def test_serialised_inputs_reuse_the_upstream_outputs_text() -> None:
+    plan = plan_of(
+        [
+            node("fetch", "http_request", url="https://example.com/"),
+            node("extract", "extract_text_from_html", selector="h1", html="<p>static</p>"),
+        ],
+        [edge("fetch", "body", "extract", "html")],
+    )
+    upstream = _stored({"body": '<h1>é \x00 \ud800 ["]</h1>', "status": 200})
+    resolved = plan.resolve_inputs("extract", {"fetch": upstream}, serialised=True)
+    _check_text(resolved, plan.resolve_inputs("extract", {"fetch": upstream}))
+    assert resolved["html"] == '<h1>é \ufffd \ufffd\ufffd\ufffd ["]</h1>'  # edge wins
+    assert resolved.parts["html"] is upstream.parts["body"]  # reused, not serialised again
+    # The text is the upstream's: proof that it is what gets stored.
+    forged = SerialisedJSON({"body": "x"}, '{"body":"y"}', {"body": '"y"'})
+    assert (
+        json.loads(plan.resolve_inputs("extract", {"fetch": forged}, serialised=True).text)["html"]
+        == "y"
+    )
+    # Outputs read back from the database (a resumed run) have no texts: serialised here.
+    plain_upstream = {"body": "<h1>b</h1>"}
+    _check_text(plan.resolve_inputs("fetch", {}, serialised=True), plan.resolve_inputs("fetch", {}))
+    _check_text(
+        plan.resolve_inputs("extract", {"fetch": plain_upstream}, serialised=True),
+        {"all": False, "selector": "h1", "html": "<h1>b</h1>"},
+    )
+
+
+def test_serialised_inputs_when_an_output_is_missing_or_shared() -> None:
+    plan = plan_of(
+        [
+            node("r", "read_property_from_json", json={"a": 1}, property_path="a"),
+            add("w", json={"static": True}),
+            add("x", json={}),
+        ],
+        [edge("r", "value", "w", "value"), edge("r", "value", "x", "value")],
+    )
+    # An optional output missing upstream: the static and default values, dumped here.
+    resolved = plan.resolve_inputs("w", {"r": _stored({})}, serialised=True)
+    _check_text(resolved, {"json": {"static": True}, "property_path": "p"})
+    # Read by two inputs: each gets a copy, both with the upstream's text.
+    upstream = _stored({"value": {"deep": [1, "é"]}})
+    first = plan.resolve_inputs("w", {"r": upstream}, hand_over_sole=True, serialised=True)
+    second = plan.resolve_inputs("x", {"r": upstream}, hand_over_sole=True, serialised=True)
+    assert first["value"] is not second["value"]
+    for node_id, resolved in (("w", first), ("x", second)):
+        _check_text(resolved, plan.resolve_inputs(node_id, {"r": upstream}))
+    first["value"]["deep"].append(2)
+    assert json.loads(second.text)["value"] == {"deep": [1, "é"]} == upstream["value"]
+
+
+_trap_strings = st.lists(
+    st.sampled_from(['"', "\\", "[", "}", "\x00", "\ud800", "é", "😀", "a"]), max_size=5
+).map("".join)
+_output_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _trap_strings),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.dictionaries(st.one_of(_trap_strings, st.integers()), children, max_size=3),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["value", "other"]), _output_values, max_size=2))
+def test_serialised_inputs_are_the_inputs_text(outputs: dict[str, Any]) -> None:
+    """Whatever a node returned, the text stored for the next node's inputs reads back
+    as the inputs that node receives: NUL, lone surrogates and NaN cannot appear."""
+    plan = plan_of(
+        [
+            node("r", "read_property_from_json", json={"a": 1}, property_path="a"),
+            add("w", json={"static": "é"}),
+        ],
+        [edge("r", "value", "w", "value")],
+    )
+    upstream = _stored(outputs)
+    resolved = plan.resolve_inputs("w", {"r": upstream}, hand_over_sole=True, serialised=True)
+    _check_text(resolved, plan.resolve_inputs("w", {"r": upstream}))
+    if "value" in outputs:
+        assert resolved["value"] == json.loads(upstream.text)["value"]

@@ -7,67 +7,127 @@ repairs what can be repaired (NUL and lone surrogates in strings and keys become
 NaN and Infinity become null, other objects their text) and refuses nesting deeper than
 PHASE_OUTPUT_MAX_DEPTH: the node then fails with that reason, refunded per the policy.
 The result is serialised once to measure it, and that text is what the database stores
-(:class:`~flowbuilder.platform.jsonvalues.SerialisedJSON`); above PHASE_OUTPUT_MAX_BYTES
-the largest values are replaced by a note (``{"_truncated": true, "size_bytes": n}``).
+(:class:`~flowbuilder.platform.jsonvalues.SerialisedJSON`, with the text of each
+top-level value, from which the next phase's inputs are composed); above
+PHASE_OUTPUT_MAX_BYTES the largest values are replaced by a note
+(``{"_truncated": true, "size_bytes": n}``).
 """
 
 from __future__ import annotations
 
+import gc
 import json
+from itertools import accumulate
 from typing import Any
 
-from flowbuilder.platform.jsonvalues import Unstorable, make_storable
+from flowbuilder.platform.jsonvalues import (
+    SerialisedJSON,
+    Unstorable,
+    make_storable,
+    object_text,
+)
 
 __all__ = ["Unstorable", "storable_outputs", "storable_outputs_text"]
 
 _SEPARATORS = (",", ":")
+# Outputs with more keys than this are serialised by one json.dumps call, without the
+# text of each value (one call per value would cost more than it saves downstream).
+_MAX_PARTS = 64
+# The depth check on the text: its quotes and brackets only, both kinds as "[" and "]".
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_MARKS = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_STEP = [0] * 256
+_STEP[ord("[")], _STEP[ord("]")] = 1, -1
+# Levels peeled with bytes.replace before counting the rest in one pass: typical outputs
+# are a few levels deep (a few C passes); a deep value is counted, never peeled 500 times.
+_PEEL_PASSES = 8
 
 
 def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS)
 
 
-def _too_deep(value: Any, max_depth: int) -> bool:
-    """Whether ``value`` (plain dicts and lists, as json.loads returns) nests more than
-    ``max_depth`` containers deep: level by level, containers only (no per-scalar work)."""
-    level = [value]
-    depth = 1
-    while level:
-        if depth > max_depth:
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
+
+
+def _text_and_parts(outputs: dict[Any, Any]) -> tuple[str, dict[str, str] | None]:
+    """The compact JSON text of ``outputs`` and, when its keys are all plain strings (and
+    not too many), the text of each value as it appears in it. Raises what json.dumps
+    raises (ValueError for NaN, TypeError for an object, RecursionError)."""
+    if len(outputs) <= _MAX_PARTS and all(type(key) is str for key in outputs):
+        parts = {key: _dumps(value) for key, value in outputs.items()}
+        return object_text(parts), parts
+    return _dumps(outputs), None
+
+
+def _too_deep(data: bytes, max_depth: int) -> bool:
+    """Whether ``data``, JSON text as json.dumps writes it (UTF-8), nests more than
+    ``max_depth`` containers deep: read from its brackets with C bytes methods (no
+    per-container Python work), innermost pairs removed level by level."""
+    if b"\\" in data:
+        # Escaped backslashes first (the \ before a closing quote is not an escaped
+        # quote), then escaped quotes: every quote left delimits a string.
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Quotes and brackets only; then the strings with no bracket inside (nearly all) go
+    # as "" pairs. A pair may also be one string's end and the next one's start, with
+    # nothing between them: that merges two strings into one, which changes nothing.
+    marks = data.translate(_BRACKETS, _NOT_MARKS).replace(b'""', b"")
+    if b'"' in marks:  # strings holding brackets: keep what is outside them
+        marks = b"".join(marks.split(b'"')[::2])
+    removed = 0  # levels removed from the bottom: what is left is that much less deep
+    while marks:
+        if removed == max_depth:
             return True
-        below: list[Any] = []
-        for container in level:
-            children = container.values() if type(container) is dict else container
-            below += [c for c in children if type(c) is dict or type(c) is list]
-        level = below
-        depth += 1
+        if removed == _PEEL_PASSES:
+            return removed + max(accumulate(map(_STEP.__getitem__, marks))) > max_depth
+        marks = marks.replace(b"[]", b"")
+        removed += 1
     return False
 
 
-def _plain_copy(outputs: dict[str, Any], max_depth: int) -> tuple[dict[str, Any], str] | None:
+def _loads(text: str) -> Any:
+    """json.loads without the cyclic collector's pauses: 100 KB of small records are
+    thousands of new containers, which trigger collections that walk every container the
+    run holds (the earlier phases' outputs), several times per call. JSON makes no cycles,
+    so nothing is left for the collector; counting resumes when it is enabled again.
+    Nodes of one phase run in threads: another thread's collection is at most delayed,
+    and the collector ends enabled, as found (nothing in the project disables it)."""
+    if not gc.isenabled():
+        return json.loads(text)
+    gc.disable()
+    try:
+        return json.loads(text)
+    finally:
+        gc.enable()
+
+
+def _plain_copy(
+    outputs: dict[Any, Any], max_depth: int
+) -> tuple[dict[str, Any], str, dict[str, str] | None] | None:
     """The fast path for outputs that need no repair (nearly all): serialised and read
     back by the C encoder and decoder, about twice as fast as make_storable's Python pass
     on 100 KB of small records, with the same result. None when something may need a
     repair or a refusal, which that pass then decides: NaN or an object (the encoder
     raises), a NUL (escaped as \\u0000; a string holding that escape's text also lands
     there, harmlessly), a lone surrogate (not UTF-8), or nesting deeper than
-    ``max_depth``. Tuples become lists and int, float, bool and None keys their JSON
-    text, as make_storable does.
+    ``max_depth`` (checked on the text, before anything reads it back). Tuples become
+    lists and int, float, bool and None keys their JSON text, as make_storable does.
+    Returns the copy, its text and the text of each value (see :func:`_text_and_parts`).
     """
     try:
-        text = json.dumps(outputs, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
+        text, parts = _text_and_parts(outputs)
     except (ValueError, TypeError, RecursionError):
         return None
     if "\\u0000" in text:
         return None
     try:
-        text.encode()
+        data = text.encode()
     except UnicodeEncodeError:
         return None
-    clean = json.loads(text)
-    if _too_deep(clean, max_depth):
+    if _too_deep(data, max_depth):
         return None
-    return clean, text
+    return _loads(text), text, parts
 
 
 def _size(value: Any) -> int:
@@ -85,17 +145,18 @@ def storable_outputs(outputs: Any, *, max_bytes: int, max_depth: int) -> dict[st
 def storable_outputs_text(
     outputs: Any, *, max_bytes: int, max_depth: int
 ) -> tuple[dict[str, Any], str]:
-    """:func:`storable_outputs` and its JSON text (what the database stores)."""
+    """:func:`storable_outputs` and its JSON text (what the database stores). The copy is
+    a :class:`SerialisedJSON` carrying that text (and its values' texts when known)."""
     if not isinstance(outputs, dict):
         raise Unstorable("", f"outputs must be an object, not {type(outputs).__name__}")
     fast = _plain_copy(outputs, max_depth)
     if fast is not None:
-        clean, text = fast
+        clean, text, parts = fast
     else:
         clean = make_storable(outputs, max_depth=max_depth, repair=True)
-        text = _text(clean)
+        text, parts = _text_and_parts(clean)
     if len(text) <= max_bytes // 4 or len(text.encode()) <= max_bytes:
-        return clean, text
+        return SerialisedJSON(clean, text, parts), text
     capped: dict[str, Any] = {}
     budget = max_bytes - 32  # room for the "_truncated" marker itself
     omitted = 0
@@ -114,4 +175,5 @@ def storable_outputs_text(
     capped["_truncated"] = True
     if omitted:
         capped["_omitted_keys"] = omitted
-    return capped, _text(capped)
+    capped_text = _text(capped)
+    return SerialisedJSON(capped, capped_text), capped_text

@@ -612,13 +612,18 @@ def _step(
         return _step(db, state, heartbeat, group, previous, planned, settings, speculate=False)
 
 
+def _inputs_of(state: RunState, phase: ExecutionPhase) -> dict[str, Any]:
+    # serialised: their stored text reuses the upstream outputs' text.
+    return state.plan.resolve_inputs(
+        phase.node_id, state.outputs_by_node, hand_over_sole=True, serialised=True
+    )
+
+
 def _send_debit_ahead(s: Session, state: RunState, phase: ExecutionPhase) -> Any:
     """The phase's inputs and its debit, queued in the fence's batch; None when its
     inputs do not resolve (then it fails on the common path, charged nothing)."""
     try:
-        inputs = state.plan.resolve_inputs(
-            phase.node_id, state.outputs_by_node, hand_over_sole=True
-        )
+        inputs = _inputs_of(state, phase)
     except FlowBuilderError:
         return None
     debit = balance_crud.send_debit_once(
@@ -668,9 +673,7 @@ def _fenced_step(
                 if ahead is not None:
                     current.inputs[phase.id], debit = ahead
                 else:
-                    current.inputs[phase.id] = state.plan.resolve_inputs(
-                        phase.node_id, state.outputs_by_node, hand_over_sole=True
-                    )
+                    current.inputs[phase.id] = _inputs_of(state, phase)
             except FlowBuilderError as exc:  # a required input upstream did not produce
                 phase_crud.record_phase(
                     session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)

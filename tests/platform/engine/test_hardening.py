@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import timedelta
@@ -40,6 +41,15 @@ def _echo(inputs: dict[str, Any], ctx) -> dict[str, Any]:
     return {"value": inputs.get("value")}
 
 
+_received: dict[str, list[Any]] = {}
+
+
+def _recorder(inputs: dict[str, Any], ctx) -> dict[str, Any]:
+    # What the node was handed, as JSON text (what a copy would lose is visible here).
+    _received.setdefault(inputs["key"], []).append(json.dumps(inputs["value"]))
+    return {"value": inputs["value"], "extra": [inputs["value"]]}
+
+
 def _deep(levels: int) -> Any:
     value: Any = "bottom"
     for _ in range(levels):
@@ -54,6 +64,13 @@ NODES = [
         inputs={"key": PortSpec("string", required=True)},
         outputs={"value": PortSpec("any")},
         credits=2,
+    ),
+    NodeType(
+        type="test_recorder",
+        run=_recorder,
+        inputs={"key": PortSpec("string", required=True), "value": PortSpec("any")},
+        outputs={"value": PortSpec("any"), "extra": PortSpec("any")},
+        credits=1,
     ),
     NodeType(
         type="test_echo",
@@ -188,6 +205,44 @@ def test_hostile_outputs_are_stored_and_flow_on(
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     assert check(phases[0].outputs["value"]) and check(phases[1].outputs["value"])
     _books_balance(session, user.id)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"q": 'a"b\\', '"\\': "[", "]": "{{", "u": "é😀", "t": (1, 2), 3: None, "f": 0.1},
+        {"k\x00": "\ud800", "n": math.nan, "deep": [[[{"x": "]]"}]]]},
+        [{"id": i, "name": f"item-{i}", "tags": ["a", "b"]} for i in range(300)],
+    ],
+)
+def test_what_a_phase_is_handed_is_what_a_resumed_run_reads_back(
+    engine, session: Session, value: Any
+) -> None:
+    """Outputs flow on in memory (made storable once, their text reused for the next
+    inputs): every phase gets, and stores as its inputs, exactly what the database gives
+    back for its upstream's outputs."""
+    key = uuid.uuid4().hex
+    _returns[key] = {"value": value}
+    definition = {
+        "version": 1,
+        "nodes": [{"id": "src", "type": "test_returner", "inputs": {"key": key}}]
+        + [{"id": f"r{i}", "type": "test_recorder", "inputs": {"key": key}} for i in (1, 2)],
+        "edges": [
+            {"source": s, "sourceHandle": "value", "target": t, "targetHandle": "value"}
+            for s, t in (("src", "r1"), ("r1", "r2"))
+        ],
+    }
+    user, ex = _prepare(session, definition)
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.COMPLETED, result.error
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.node_id for p in phases] == ["src", "r1", "r2"]
+    stored = phases[0].outputs["value"]
+    assert stored == make_storable(value, max_depth=64, repair=True)
+    for phase, received in zip(phases[1:], _received.pop(key), strict=True):
+        assert json.loads(received) == stored
+        assert phase.inputs == {"key": key, "value": stored}
+        assert phase.outputs == {"value": stored, "extra": [stored]}
 
 
 @pytest.mark.parametrize("levels", [65, 2000, 100_000])
