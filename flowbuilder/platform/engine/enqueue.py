@@ -6,19 +6,24 @@ No Celery here: the caller's unit of work commits, and only then is the task sen
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import DataError
+from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session
 
 from flowbuilder.platform.crud import (
     execution_crud,
     phase_crud,
     rate_limit_crud,
-    user_crud,
     workflow_crud,
 )
 from flowbuilder.platform.crud._sql import data_error_message
@@ -32,16 +37,28 @@ from flowbuilder.platform.jsonvalues import (
     MAX_DOCUMENT_DEPTH,
     Unstorable,
     bad_string_reason,
+    dumps_json,
     make_storable,
 )
 from flowbuilder.platform.models import (
+    ExecutionPhase,
     ExecutionStatus,
+    GuestSession,
     PhaseStatus,
     TriggerType,
+    User,
+    UserBalance,
+    Workflow,
     WorkflowExecution,
     WorkflowStatus,
+    WorkflowVersion,
+    utcnow,
 )
+from flowbuilder.platform.nodes.registry import registry_generation
 from flowbuilder.platform.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from flowbuilder.platform.plan import ExecutionPlan
 
 logger = structlog.get_logger(__name__)
 
@@ -78,80 +95,367 @@ def prepare_execution(
     ValidationFailed); the rate limit (RateLimited); the balance covers the plan
     (InsufficientCredits). Flushes only; the caller's unit of work commits and only then
     is the task sent.
-    """
-    from flowbuilder.platform.definitions import validate_definition
-    from flowbuilder.platform.plan import ExecutionPlan
 
+    Two statements on the common path, whatever the number of phases (this is the API's
+    latency): one read of everything the checks need, and one write (on PostgreSQL the
+    rate-limit hit, the execution and its phases in one statement; the rows are written
+    only if the hit is within the limit). The version's plan and the result of its
+    validation are kept in memory (:class:`_VersionCache`).
+    """
     settings = get_settings()
     _check_inputs(inputs, settings.MAX_DEFINITION_BYTES)
     if correlation_id is not None and (
         len(correlation_id) > 100 or bad_string_reason(correlation_id) or not correlation_id
     ):
         raise ValidationFailed(["correlation_id: 1 to 100 storable characters"])
-    # Each statement here is a round trip on the enqueue path (the API's latency): reads
-    # are joined where they can be (workflow and version, user and balance).
-    workflow, version = workflow_crud.get_workflow_with_published_version(
-        session=session, workflow_id=workflow_id, user_id=user_id
-    )
-    if workflow.status != WorkflowStatus.PUBLISHED or workflow.published_version == 0:
-        raise Conflict(f"workflow {workflow_id} is {workflow.status.value}, not published")
-    if version is None:
-        raise NotFound("published version of workflow", workflow.id)
+    # What the caller left pending is written first (what an ORM query's autoflush does).
+    session.flush()
+    connection = session.connection()
+    now = utcnow()
+    row = connection.execute(
+        _READ, {"b_workflow_id": workflow_id, "b_user_id": user_id, "b_now": now}
+    ).first()
+    if row is None:
+        # Another user's workflow reads exactly like a missing one.
+        raise NotFound("workflow", workflow_id)
+    status, published_version, version_id, is_guest, available, guest_alive = row
+    if status != WorkflowStatus.PUBLISHED or published_version == 0:
+        raise Conflict(f"workflow {workflow_id} is {status.value}, not published")
+    if version_id is None:
+        raise NotFound("published version of workflow", workflow_id)
     # The plan frozen with the version: the same one the worker runs, so the phases
     # recorded here (and their credit costs) are exactly what will be run and debited.
-    plan = ExecutionPlan.from_dict(version.plan)
-    # Validated again: a credential may have been deleted since the version was published.
-    # Only nodes name credentials; without any, there is nothing to look up.
-    uses_credentials = any(node.credential_id is not None for node in plan.nodes)
-    validate_definition(
-        version.definition,
-        owned_credential_ids=(
-            workflow_crud.owned_credential_ids(session=session, user_id=user_id)
-            if uses_credentials
-            else ()
-        ),
-    )
-
-    user, available = user_crud.get_user_and_credits(session=session, user_id=user_id)
-    if user.is_guest and not user_crud.has_active_guest_session(session=session, user_id=user_id):
+    version = _versions.checked(session, version_id, workflow_id, user_id, settings)
+    plan = version.plan
+    if is_guest and not guest_alive:
         raise guest_expired(user_id)
-    limit = enqueue_limit(settings, is_guest=user.is_guest)
-    rate_limit_crud.hit(
-        session=session,
-        key=enqueue_limit_key(user_id),
-        limit=limit,
-        window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
-    )
+    available = int(available or 0)
+    key = enqueue_limit_key(user_id)
+    limit = enqueue_limit(settings, is_guest=is_guest)
     if available < plan.total_credits:
+        # Refused for credits, after the rate limit (which counts the hit as before: the
+        # caller's unit of work rolls it back with the rest).
+        rate_limit_crud.hit(
+            session=session,
+            key=key,
+            limit=limit,
+            window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+            now=now,
+        )
         raise InsufficientCredits(user_id, plan.total_credits, available)
 
-    execution = execution_crud.create_execution(
-        session=session,
+    execution = WorkflowExecution(
         user_id=user_id,
-        workflow_id=workflow.id,
-        workflow_version_id=version.id,
+        workflow_id=workflow_id,
+        workflow_version_id=version_id,
         trigger=trigger,
         inputs=inputs,
         correlation_id=correlation_id,
-        # Sent after commit; the sweep re-sends it if it is still pending this much later.
-        resend_after_seconds=settings.SWEEP_PENDING_AFTER_SECONDS,
+        created_at=now,
     )
-    phase_crud.insert_phases(session=session, execution=execution, planned=plan.nodes)
+    # Sent after commit; the sweep re-sends it if it is still pending this much later.
+    execution_crud.mark_sent(
+        execution=execution, resend_after_seconds=settings.SWEEP_PENDING_AFTER_SECONDS, now=now
+    )
     try:
-        session.flush()
+        if connection.dialect.name == "postgresql":
+            _write_postgres(connection, execution, version, key, limit, settings, now)
+        else:
+            rate_limit_crud.hit(
+                session=session,
+                key=key,
+                limit=limit,
+                window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+                now=now,
+            )
+            connection.execute(_INSERT_EXECUTION, _execution_row(execution))
+            connection.execute(_INSERT_PHASE, _phase_rows(execution, plan))
     except DataError as exc:
         # Checked above, so this is a gap in the checks; still the caller's input, and
         # never a raw driver error. The caller's unit of work rolls back: nothing recorded.
         raise ValidationFailed([data_error_message(exc)]) from exc
+    # The object stands for the row just written: in the session like a flushed one (the
+    # identity map, no further INSERT), with nothing left to load.
+    make_transient_to_detached(execution)
+    session.add(execution)
     logger.info(
         "execution_prepared",
         execution_id=str(execution.id),
-        workflow_id=str(workflow.id),
+        workflow_id=str(workflow_id),
         user_id=str(user_id),
         phases=len(plan.nodes),
         credits=plan.total_credits,
     )
     return execution
+
+
+# ------------------------------------------------------------------ the statements
+#
+# Built once. The read joins the workflow (scoped to its owner), its published version
+# (the id only: the plan and definition are cached), the owner, the balance and whether a
+# guest session is alive.
+
+_W = Workflow.__table__
+_V = WorkflowVersion.__table__
+_U = User.__table__
+_B = UserBalance.__table__
+_G = GuestSession.__table__
+_E = WorkflowExecution.__table__
+_READ = (
+    sa.select(
+        _W.c.status,
+        _W.c.published_version,
+        _V.c.id,
+        _U.c.is_guest,
+        _B.c.credits,
+        sa.exists()
+        .where(
+            _G.c.user_id == _U.c.id,
+            _G.c.expires_at > sa.bindparam("b_now", type_=_G.c.expires_at.type),
+        )
+        .label("guest_alive"),
+    )
+    .select_from(
+        _W.join(_U, _U.c.id == _W.c.user_id)
+        .outerjoin(_V, sa.and_(_V.c.workflow_id == _W.c.id, _V.c.version == _W.c.published_version))
+        .outerjoin(_B, _B.c.user_id == _U.c.id)
+    )
+    .where(_W.c.id == sa.bindparam("b_workflow_id"), _W.c.user_id == sa.bindparam("b_user_id"))
+)
+_READ_VERSION = sa.select(_V.c.definition, _V.c.plan).where(_V.c.id == sa.bindparam("b_id"))
+_INSERT_EXECUTION = sa.insert(_E)
+_INSERT_PHASE = sa.insert(ExecutionPhase.__table__)
+
+# PostgreSQL: the rate-limit hit (the same upsert as rate_limit_crud.hit), then the
+# execution and its phases only if the hit is within the limit: one round trip. The
+# phase rows come from arrays (one parameter per column whatever the phase count); their
+# ids are made by the server (version 4 UUIDs, like uuid.uuid4()).
+_WRITE_POSTGRES = """\
+WITH hit AS (
+    INSERT INTO rate_limit_entry (id, key, window_start, count)
+    VALUES (%(hit_id)s, %(key)s::varchar, %(window_start)s, 1)
+    ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limit_entry.count + 1
+    RETURNING count
+), execution AS (
+    INSERT INTO workflow_execution (
+        id, user_id, workflow_id, workflow_version_id, status, trigger, inputs,
+        credits_consumed, correlation_id, cancel_requested, attempts, created_at,
+        enqueued_at, resend_after
+    )
+    SELECT %(id)s, %(user_id)s, %(workflow_id)s, %(workflow_version_id)s,
+        %(status)s::varchar, %(trigger)s::varchar, %(inputs)s::jsonb, 0,
+        %(correlation_id)s::varchar, false, 0, %(created_at)s, %(enqueued_at)s,
+        %(resend_after)s
+    FROM hit WHERE hit.count <= %(limit)s::int
+    RETURNING id
+), phases AS (
+    INSERT INTO execution_phase (
+        id, execution_id, user_id, number, position, node_id, node_type, status,
+        credits_cost, credits_charged, attempts
+    )
+    SELECT gen_random_uuid(), execution.id, %(user_id)s, p.number, p.position - 1,
+        p.node_id, p.node_type, %(phase_status)s::varchar, p.credits, 0, 0
+    FROM execution, unnest(
+        %(numbers)s::int[], %(node_ids)s::varchar[], %(node_types)s::varchar[],
+        %(credits)s::int[]
+    ) WITH ORDINALITY AS p(number, node_id, node_type, credits, position)
+)
+SELECT count FROM hit"""
+
+
+def _write_postgres(
+    connection: sa.Connection,
+    execution: WorkflowExecution,
+    version: _Version,
+    key: str,
+    limit: int,
+    settings: Settings,
+    now: datetime,
+) -> None:
+    start = rate_limit_crud.window_start(now, settings.RATE_LIMIT_WINDOW_SECONDS)
+    params = {
+        "hit_id": uuid.uuid4(),
+        "key": key,
+        "window_start": start,
+        "limit": limit,
+        "id": execution.id,
+        "user_id": execution.user_id,
+        "workflow_id": execution.workflow_id,
+        "workflow_version_id": execution.workflow_version_id,
+        "status": ExecutionStatus.PENDING.value,
+        "trigger": TriggerType(execution.trigger).value,
+        # SQL NULL without inputs (as the cron path writes), not a JSON null.
+        "inputs": None if execution.inputs is None else dumps_json(execution.inputs),
+        "correlation_id": execution.correlation_id,
+        "created_at": execution.created_at,
+        "enqueued_at": execution.enqueued_at,
+        "resend_after": execution.resend_after,
+        "phase_status": PhaseStatus.CREATED.value,
+        **version.phase_columns,
+    }
+    count = connection.exec_driver_sql(_WRITE_POSTGRES, params).scalar_one()
+    rate_limit_crud.check_count(
+        key=key,
+        count=count,
+        limit=limit,
+        window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+        now=now,
+    )
+
+
+def _execution_row(execution: WorkflowExecution) -> dict[str, Any]:
+    # Columns left out are NULL (a JSON column given None would store a JSON null).
+    values = {column.name: getattr(execution, column.name) for column in _E.columns}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _phase_rows(execution: WorkflowExecution, plan: ExecutionPlan) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": uuid.uuid4(),
+            "execution_id": execution.id,
+            "user_id": execution.user_id,
+            "number": node.number,
+            "position": position,
+            "node_id": node.node_id,
+            "node_type": node.node_type,
+            "status": PhaseStatus.CREATED,
+            "credits_cost": node.credits,
+            "credits_charged": 0,
+            "attempts": 0,
+        }
+        for position, node in enumerate(plan.nodes)
+    ]
+
+
+# ------------------------------------------------------------------ the version cache
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    """A published version, parsed and validated once per process."""
+
+    plan: ExecutionPlan
+    # The credentials its nodes name: their ownership is checked again on every enqueue.
+    credential_ids: frozenset[uuid.UUID]
+    # The phase columns of the PostgreSQL write, built once.
+    phase_columns: dict[str, list[Any]]
+    # Validated under these settings (limits) and this node registry: after a change of
+    # either it is validated again.
+    settings: Settings
+    registry_generation: int
+
+
+class _VersionCache:
+    """Parsed plans and validation results by workflow version id.
+
+    A version (definition and plan) is written once, at publish, and never changed (a
+    new definition is a new version), so parsing its plan and validating its definition
+    once per process is enough, as the worker does with plans (``engine.run``) and beat
+    with both (``scheduling``). What can change is outside the version: whether the
+    user still owns the credentials it names. That is checked on every enqueue (one
+    more statement, only for versions that name credentials); a missing one is refused
+    by validating the definition again, so the error is the one it always was. Only
+    versions that validated are kept (a refusal is the rare path and is always checked
+    afresh). Bounded, oldest dropped first; thread-safe.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[uuid.UUID, _Version] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def _get(self, version_id: uuid.UUID, settings: Settings) -> _Version | None:
+        with self._lock:
+            entry = self._entries.get(version_id)
+            if (
+                entry is None
+                or entry.settings is not settings
+                or entry.registry_generation != registry_generation()
+            ):
+                return None
+            self._entries.move_to_end(version_id)
+            return entry
+
+    def _put(self, version_id: uuid.UUID, entry: _Version) -> None:
+        with self._lock:
+            self._entries[version_id] = entry
+            self._entries.move_to_end(version_id)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def checked(
+        self,
+        session: Session,
+        version_id: uuid.UUID,
+        workflow_id: uuid.UUID,
+        user_id: uuid.UUID,
+        settings: Settings,
+    ) -> _Version:
+        """The version, valid for ``user_id`` now; ValidationFailed as validate_definition
+        words it otherwise."""
+        from flowbuilder.platform.definitions import validate_definition
+        from flowbuilder.platform.plan import ExecutionPlan
+
+        entry = self._get(version_id, settings)
+        if entry is not None:
+            if not entry.credential_ids:
+                return entry
+            owned = workflow_crud.owned_credential_ids(session=session, user_id=user_id)
+            if entry.credential_ids <= owned:
+                return entry
+            # A credential is gone: the full validation names it, exactly as before.
+            definition, _plan = _read_version(session, version_id, workflow_id)
+            validate_definition(definition, owned_credential_ids=owned)
+            return entry
+        definition, plan_dict = _read_version(session, version_id, workflow_id)
+        generation = registry_generation()
+        plan = ExecutionPlan.from_dict(plan_dict)
+        # Validated again: a credential may have been deleted since the version was
+        # published. Only nodes name credentials; without any, there is nothing to look up.
+        credential_ids = frozenset(
+            node.credential_id for node in plan.nodes if node.credential_id is not None
+        )
+        validate_definition(
+            definition,
+            owned_credential_ids=(
+                workflow_crud.owned_credential_ids(session=session, user_id=user_id)
+                if credential_ids
+                else ()
+            ),
+        )
+        # Valid with the user's credentials is valid without the ownership check, the one
+        # part that is checked again on every enqueue.
+        entry = _Version(
+            plan=plan,
+            credential_ids=credential_ids,
+            phase_columns={
+                "numbers": [node.number for node in plan.nodes],
+                "node_ids": [node.node_id for node in plan.nodes],
+                "node_types": [node.node_type for node in plan.nodes],
+                "credits": [node.credits for node in plan.nodes],
+            },
+            settings=settings,
+            registry_generation=generation,
+        )
+        self._put(version_id, entry)
+        return entry
+
+
+_versions = _VersionCache()
+
+
+def _read_version(
+    session: Session, version_id: uuid.UUID, workflow_id: uuid.UUID
+) -> tuple[Any, Any]:
+    row = session.connection().execute(_READ_VERSION, {"b_id": version_id}).first()
+    if row is None:  # deleted (with its workflow) since the first read
+        raise NotFound("published version of workflow", workflow_id)
+    return row[0], row[1]
 
 
 def _check_inputs(inputs: Any, max_bytes: int) -> None:

@@ -17,6 +17,7 @@ from flowbuilder.platform.definitions import validate_definition
 from flowbuilder.platform.engine import Outcome, prepare_execution, run_execution
 from flowbuilder.platform.errors import Conflict, ValidationFailed
 from flowbuilder.platform.models import (
+    ExecutionPhase,
     GuestSession,
     Workflow,
     WorkflowCreate,
@@ -189,3 +190,90 @@ def test_expired_guest_cannot_enqueue(engine, session: Session) -> None:
         .where(WorkflowExecution.user_id == guest.id)
     ).one()
     assert count == 1
+
+
+# ------------------------------------------------------------------- cost of an enqueue
+
+
+def _statements(engine, fn) -> list[str]:
+    seen: list[str] = []
+
+    def on_exec(_conn, _cursor, statement, *_a: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", on_exec)
+    try:
+        fn()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", on_exec)
+    return seen
+
+
+# Statements of one enqueue and its commit, whatever the number of phases: the read of
+# workflow, version, user, balance and guest session; then on PostgreSQL one write (the
+# rate-limit hit, the execution and its phases), on SQLite BEGIN IMMEDIATE and one
+# statement each.
+ENQUEUE_STATEMENTS = {"postgresql": 2, "sqlite": 5}
+
+
+def test_an_enqueue_costs_a_fixed_number_of_statements(engine, session: Session) -> None:
+    user = make_user(session, credits=1000)
+    workflows = {
+        n: make_workflow(session, user, definition=json_definition(n), publish=True)
+        for n in (1, 40)
+    }
+    session.commit()
+
+    def enqueue(n: int) -> None:
+        prepare_execution(session=session, workflow_id=workflows[n].id, user_id=user.id)
+        session.commit()
+
+    for n in workflows:  # the first enqueue of a version reads and validates it
+        enqueue(n)
+    # The session's own engine (on SQLite the fixture's session has one).
+    bind = session.get_bind()
+    counts = {n: len(_statements(bind, lambda n=n: enqueue(n))) for n in workflows}
+    expected = ENQUEUE_STATEMENTS[engine.dialect.name]
+    assert counts == {1: expected, 40: expected}, counts
+    phases = session.exec(
+        select(sa.func.count())
+        .select_from(ExecutionPhase)
+        .join(WorkflowExecution, WorkflowExecution.id == ExecutionPhase.execution_id)
+        .where(WorkflowExecution.workflow_id == workflows[40].id)
+    ).one()
+    assert phases == 40 * 2
+
+
+def test_an_enqueue_on_postgresql_is_four_round_trips(settings, engine) -> None:
+    """Counted on the wire (BEGIN, the read, the write, COMMIT): no pool pre-ping, nothing
+    per phase. Through the benchmarks' counting proxy."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("round trips on the PostgreSQL wire protocol")
+    from benchmarks.pg_roundtrips import RoundTripProxy
+    from flowbuilder.platform import db
+
+    with RoundTripProxy() as proxy:
+        proxied = db.make_engine(proxy.url_for(str(engine.url.render_as_string(False))))
+        try:
+            with Session(proxied, expire_on_commit=False) as s:
+                user = make_user(s, credits=1000)
+                workflows = [
+                    make_workflow(s, user, definition=json_definition(n), publish=True)
+                    for n in (1, 40)
+                ]
+                s.commit()
+                # psycopg prepares a statement on its 5th run on a connection (one round
+                # trip of its own): count the steady state.
+                for _ in range(6):
+                    for wf in workflows:
+                        prepare_execution(session=s, workflow_id=wf.id, user_id=user.id)
+                        s.commit()
+                trips = []
+                for wf in workflows:
+                    before = proxy.round_trips
+                    prepare_execution(session=s, workflow_id=wf.id, user_id=user.id)
+                    s.commit()
+                    trips.append(proxy.round_trips - before)
+        finally:
+            proxied.dispose()
+    assert trips == [4, 4]
