@@ -42,7 +42,8 @@ def _terminate_pooled_backend(engine: sa.Engine) -> int:
 
     with engine.connect() as conn:
         pid = conn.execute(sa.text("select pg_backend_pid()")).scalar()
-    admin = sa.create_engine(engine.url, poolclass=sa.pool.NullPool)
+    # Autocommit: pg_stat_activity is read afresh by each statement, not once per transaction.
+    admin = sa.create_engine(engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             assert conn.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
@@ -79,7 +80,8 @@ def test_a_connection_the_server_ended_is_never_handed_out(engine: sa.Engine) ->
                 conn.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid})
             await asyncio.sleep(0.2)
             async with db.get_session(async_engine) as session:
-                assert (await session.execute(sa.text("select 1"))).scalar() == 1
+                conn = await session.connection()
+                assert (await conn.execute(sa.text("select 1"))).scalar() == 1
         finally:
             await async_engine.dispose()
 
