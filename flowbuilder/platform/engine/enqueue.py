@@ -7,6 +7,7 @@ No Celery here: the caller's unit of work commits, and only then is the task sen
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import threading
 import uuid
@@ -111,43 +112,12 @@ def prepare_execution(
     # What the caller left pending is written first (what an ORM query's autoflush does).
     session.flush()
     connection = session.connection()
+    postgres = connection.dialect.name == "postgresql"
     now = utcnow()
-    row = connection.execute(
-        _READ, {"b_workflow_id": workflow_id, "b_user_id": user_id, "b_now": now}
-    ).first()
-    if row is None:
-        # Another user's workflow reads exactly like a missing one.
-        raise NotFound("workflow", workflow_id)
-    status, published_version, version_id, is_guest, available, guest_alive = row
-    if status != WorkflowStatus.PUBLISHED or published_version == 0:
-        raise Conflict(f"workflow {workflow_id} is {status.value}, not published")
-    if version_id is None:
-        raise NotFound("published version of workflow", workflow_id)
-    # The plan frozen with the version: the same one the worker runs, so the phases
-    # recorded here (and their credit costs) are exactly what will be run and debited.
-    version = _versions.checked(session, version_id, workflow_id, user_id, settings)
-    plan = version.plan
-    if is_guest and not guest_alive:
-        raise guest_expired(user_id)
-    available = int(available or 0)
     key = enqueue_limit_key(user_id)
-    limit = enqueue_limit(settings, is_guest=is_guest)
-    if available < plan.total_credits:
-        # Refused for credits, after the rate limit (which counts the hit as before: the
-        # caller's unit of work rolls it back with the rest).
-        rate_limit_crud.hit(
-            session=session,
-            key=key,
-            limit=limit,
-            window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
-            now=now,
-        )
-        raise InsufficientCredits(user_id, plan.total_credits, available)
-
     execution = WorkflowExecution(
         user_id=user_id,
         workflow_id=workflow_id,
-        workflow_version_id=version_id,
         trigger=trigger,
         inputs=inputs,
         correlation_id=correlation_id,
@@ -158,18 +128,66 @@ def prepare_execution(
         execution=execution, resend_after_seconds=settings.SWEEP_PENDING_AFTER_SECONDS, now=now
     )
     try:
-        if connection.dialect.name == "postgresql":
-            _write_postgres(connection, execution, version, key, limit, settings, now)
+        if postgres:
+            # One statement when this process knows the workflow's published version and
+            # it names no credential: the checks and the writes together. Otherwise (or
+            # when a check fails) it writes nothing and the checks below run on what it read.
+            expected = _versions.expected(workflow_id, settings)
+            row, count = _enqueue_postgres(connection, execution, expected, key, settings, now)
         else:
-            rate_limit_crud.hit(
+            expected, count = None, None
+            row = connection.execute(
+                _READ, {"b_workflow_id": workflow_id, "b_user_id": user_id, "b_now": now}
+            ).first()
+        if row is None:
+            # Another user's workflow reads exactly like a missing one.
+            raise NotFound("workflow", workflow_id)
+        status, published_version, version_id, is_guest, available, guest_alive = row
+        limit = enqueue_limit(settings, is_guest=is_guest)
+        if count is not None and expected is not None:
+            # Every check held and the rows are written, unless past the rate limit.
+            rate_limit_crud.check_count(
+                key=key,
+                count=count,
+                limit=limit,
+                window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+                now=now,
+            )
+            version = expected[1]
+        else:
+            status = WorkflowStatus(status)
+            if status != WorkflowStatus.PUBLISHED or published_version == 0:
+                raise Conflict(f"workflow {workflow_id} is {status.value}, not published")
+            if version_id is None:
+                raise NotFound("published version of workflow", workflow_id)
+            # The plan frozen with the version: the same one the worker runs, so the
+            # phases recorded here (and their credit costs) are exactly what will be run
+            # and debited.
+            version = _versions.checked(session, version_id, workflow_id, user_id, settings)
+            if is_guest and not guest_alive:
+                raise guest_expired(user_id)
+            available = int(available or 0)
+            hit = functools.partial(
+                rate_limit_crud.hit,
                 session=session,
                 key=key,
                 limit=limit,
                 window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
                 now=now,
             )
-            connection.execute(_INSERT_EXECUTION, _execution_row(execution))
-            connection.execute(_INSERT_PHASE, _phase_rows(execution, plan))
+            if available < version.plan.total_credits:
+                # Refused for credits, after the rate limit (which counts the hit as
+                # always: the caller's unit of work rolls it back with the rest).
+                hit()
+                raise InsufficientCredits(user_id, version.plan.total_credits, available)
+            execution.workflow_version_id = version_id
+            if postgres:
+                _write_postgres(connection, execution, version, key, limit, settings, now)
+            else:
+                hit()
+                connection.execute(_INSERT_EXECUTION, _execution_row(execution))
+                connection.execute(_INSERT_PHASE, _phase_rows(execution, version.plan))
+            _versions.remember(workflow_id, version_id)
     except DataError as exc:
         # Checked above, so this is a gap in the checks; still the caller's input, and
         # never a raw driver error. The caller's unit of work rolls back: nothing recorded.
@@ -183,8 +201,8 @@ def prepare_execution(
         execution_id=str(execution.id),
         workflow_id=str(workflow_id),
         user_id=str(user_id),
-        phases=len(plan.nodes),
-        credits=plan.total_credits,
+        phases=len(version.plan.nodes),
+        credits=version.plan.total_credits,
     )
     return execution
 
@@ -226,17 +244,13 @@ _READ_VERSION = sa.select(_V.c.definition, _V.c.plan).where(_V.c.id == sa.bindpa
 _INSERT_EXECUTION = sa.insert(_E)
 _INSERT_PHASE = sa.insert(ExecutionPhase.__table__)
 
-# PostgreSQL: the rate-limit hit (the same upsert as rate_limit_crud.hit), then the
-# execution and its phases only if the hit is within the limit: one round trip. The
-# phase rows come from arrays (one parameter per column whatever the phase count); their
-# ids are made by the server (version 4 UUIDs, like uuid.uuid4()).
-_WRITE_POSTGRES = """\
-WITH hit AS (
-    INSERT INTO rate_limit_entry (id, key, window_start, count)
-    VALUES (%(hit_id)s, %(key)s::varchar, %(window_start)s, 1)
-    ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limit_entry.count + 1
-    RETURNING count
-), execution AS (
+# PostgreSQL. The write: the rate-limit hit (the same upsert as rate_limit_crud.hit),
+# then the execution and its phases only if the hit is within the limit: one round trip.
+# The phase rows come from arrays (one parameter per column whatever the phase count,
+# rendered once per version); their ids are made by the server (version 4 UUIDs, like
+# uuid.uuid4()). Data-modifying CTEs always run to completion, read or not.
+_EXECUTION_AND_PHASES = """\
+execution AS (
     INSERT INTO workflow_execution (
         id, user_id, workflow_id, workflow_version_id, status, trigger, inputs,
         credits_consumed, correlation_id, cancel_requested, attempts, created_at,
@@ -246,7 +260,7 @@ WITH hit AS (
         %(status)s::varchar, %(trigger)s::varchar, %(inputs)s::jsonb, 0,
         %(correlation_id)s::varchar, false, 0, %(created_at)s, %(enqueued_at)s,
         %(resend_after)s
-    FROM hit WHERE hit.count <= %(limit)s::int
+    FROM {source}
     RETURNING id
 ), phases AS (
     INSERT INTO execution_phase (
@@ -259,25 +273,67 @@ WITH hit AS (
         %(numbers)s::int[], %(node_ids)s::varchar[], %(node_types)s::varchar[],
         %(credits)s::int[]
     ) WITH ORDINALITY AS p(number, node_id, node_type, credits, position)
+)"""
+_HIT = """\
+    INSERT INTO rate_limit_entry (id, key, window_start, count)
+    SELECT %(hit_id)s, %(key)s::varchar, %(window_start)s, 1 {gate}
+    ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limit_entry.count + 1
+    RETURNING count"""
+_WRITE_POSTGRES = (
+    "WITH hit AS (\n"
+    + _HIT.format(gate="")
+    + "\n), "
+    + _EXECUTION_AND_PHASES.format(source="hit WHERE hit.count <= %(limit)s::int")
+    + "\nSELECT count FROM hit"
 )
-SELECT count FROM hit"""
+# The enqueue in one statement: what _READ reads, and the write above gated on every
+# check of prepare_execution passing for the version this process expects (validated,
+# naming no credential). A check that fails writes nothing: no hit either.
+_ENQUEUE_POSTGRES = (
+    """\
+WITH ctx AS (
+    SELECT w.status, w.published_version, v.id AS version_id, u.is_guest, b.credits,
+        EXISTS (
+            SELECT 1 FROM guest_session g WHERE g.user_id = u.id AND g.expires_at > %(now)s
+        ) AS guest_alive
+    FROM workflow w
+    JOIN user_account u ON u.id = w.user_id
+    LEFT JOIN workflow_version v ON v.workflow_id = w.id AND v.version = w.published_version
+    LEFT JOIN user_balance b ON b.user_id = u.id
+    WHERE w.id = %(workflow_id)s AND w.user_id = %(user_id)s
+), hit AS (
+"""
+    + _HIT.format(
+        gate="""FROM ctx
+    WHERE ctx.version_id = %(workflow_version_id)s
+        AND ctx.status = %(published)s::varchar AND ctx.published_version <> 0
+        AND (NOT ctx.is_guest OR ctx.guest_alive)
+        AND coalesce(ctx.credits, 0) >= %(total_credits)s::int"""
+    )
+    + "\n), "
+    + _EXECUTION_AND_PHASES.format(
+        source="hit, ctx WHERE hit.count <= "
+        "CASE WHEN ctx.is_guest THEN %(guest_limit)s::int ELSE %(user_limit)s::int END"
+    )
+    + """
+SELECT ctx.status, ctx.published_version, ctx.version_id, ctx.is_guest, ctx.credits,
+    ctx.guest_alive, hit.count
+FROM ctx LEFT JOIN hit ON true"""
+)
+_NO_PHASES = {"numbers": "{}", "node_ids": "{}", "node_types": "{}", "credits": "{}"}
 
 
-def _write_postgres(
-    connection: sa.Connection,
+def _write_params(
     execution: WorkflowExecution,
-    version: _Version,
+    version: _Version | None,
     key: str,
-    limit: int,
     settings: Settings,
     now: datetime,
-) -> None:
-    start = rate_limit_crud.window_start(now, settings.RATE_LIMIT_WINDOW_SECONDS)
-    params = {
+) -> dict[str, Any]:
+    return {
         "hit_id": uuid.uuid4(),
         "key": key,
-        "window_start": start,
-        "limit": limit,
+        "window_start": rate_limit_crud.window_start(now, settings.RATE_LIMIT_WINDOW_SECONDS),
         "id": execution.id,
         "user_id": execution.user_id,
         "workflow_id": execution.workflow_id,
@@ -291,8 +347,46 @@ def _write_postgres(
         "enqueued_at": execution.enqueued_at,
         "resend_after": execution.resend_after,
         "phase_status": PhaseStatus.CREATED.value,
-        **version.phase_columns,
+        **(version.phase_columns if version is not None else _NO_PHASES),
     }
+
+
+def _enqueue_postgres(
+    connection: sa.Connection,
+    execution: WorkflowExecution,
+    expected: tuple[uuid.UUID, _Version] | None,
+    key: str,
+    settings: Settings,
+    now: datetime,
+) -> tuple[tuple[Any, ...] | None, int | None]:
+    """The one-statement enqueue: (what was read, the rate-limit count if it was hit)."""
+    version_id, version = expected if expected is not None else (None, None)
+    execution.workflow_version_id = version_id
+    params = _write_params(execution, version, key, settings, now)
+    params.update(
+        now=now,
+        published=WorkflowStatus.PUBLISHED.value,
+        total_credits=version.plan.total_credits if version is not None else 0,
+        guest_limit=enqueue_limit(settings, is_guest=True),
+        user_limit=enqueue_limit(settings, is_guest=False),
+    )
+    row = connection.exec_driver_sql(_ENQUEUE_POSTGRES, params).first()
+    if row is None:
+        return None, None
+    return tuple(row[:6]), row[6]
+
+
+def _write_postgres(
+    connection: sa.Connection,
+    execution: WorkflowExecution,
+    version: _Version,
+    key: str,
+    limit: int,
+    settings: Settings,
+    now: datetime,
+) -> None:
+    params = _write_params(execution, version, key, settings, now)
+    params["limit"] = limit
     count = connection.exec_driver_sql(_WRITE_POSTGRES, params).scalar_one()
     rate_limit_crud.check_count(
         key=key,
@@ -338,8 +432,9 @@ class _Version:
     plan: ExecutionPlan
     # The credentials its nodes name: their ownership is checked again on every enqueue.
     credential_ids: frozenset[uuid.UUID]
-    # The phase columns of the PostgreSQL write, built once.
-    phase_columns: dict[str, list[Any]]
+    # The phase columns of the PostgreSQL write, rendered once (array literals: psycopg
+    # would otherwise adapt every element of every list on every enqueue).
+    phase_columns: dict[str, str]
     # Validated under these settings (limits) and this node registry: after a change of
     # either it is validated again.
     settings: Settings
@@ -363,11 +458,35 @@ class _VersionCache:
     def __init__(self, size: int = 1024) -> None:
         self.size = size
         self._entries: collections.OrderedDict[uuid.UUID, _Version] = collections.OrderedDict()
+        # The published version last enqueued, by workflow: what the one-statement enqueue
+        # expects (a hint only: the statement checks it against the workflow's row).
+        self._latest: collections.OrderedDict[uuid.UUID, uuid.UUID] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._latest.clear()
+
+    def remember(self, workflow_id: uuid.UUID, version_id: uuid.UUID) -> None:
+        with self._lock:
+            self._latest[workflow_id] = version_id
+            self._latest.move_to_end(workflow_id)
+            while len(self._latest) > self.size:
+                self._latest.popitem(last=False)
+
+    def expected(
+        self, workflow_id: uuid.UUID, settings: Settings
+    ) -> tuple[uuid.UUID, _Version] | None:
+        """The version an enqueue of ``workflow_id`` can be checked against in SQL alone:
+        known, validated under these settings, and naming no credential."""
+        version_id = self._latest.get(workflow_id)
+        if version_id is None:
+            return None
+        entry = self._get(version_id, settings)
+        if entry is None or entry.credential_ids:
+            return None
+        return version_id, entry
 
     def _get(self, version_id: uuid.UUID, settings: Settings) -> _Version | None:
         with self._lock:
@@ -434,10 +553,10 @@ class _VersionCache:
             plan=plan,
             credential_ids=credential_ids,
             phase_columns={
-                "numbers": [node.number for node in plan.nodes],
-                "node_ids": [node.node_id for node in plan.nodes],
-                "node_types": [node.node_type for node in plan.nodes],
-                "credits": [node.credits for node in plan.nodes],
+                "numbers": _array_literal(node.number for node in plan.nodes),
+                "node_ids": _array_literal(node.node_id for node in plan.nodes),
+                "node_types": _array_literal(node.node_type for node in plan.nodes),
+                "credits": _array_literal(node.credits for node in plan.nodes),
             },
             settings=settings,
             registry_generation=generation,
@@ -447,6 +566,17 @@ class _VersionCache:
 
 
 _versions = _VersionCache()
+
+
+def _array_literal(values: Any) -> str:
+    """A PostgreSQL array literal of ints or strings (every string quoted)."""
+    items = []
+    for value in values:
+        if isinstance(value, int):
+            items.append(str(value))
+        else:
+            items.append('"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(items) + "}"
 
 
 def _read_version(

@@ -25,6 +25,7 @@ from flowbuilder.platform.models import (
     WorkflowUpdate,
     utcnow,
 )
+from flowbuilder.platform.settings import override_settings
 from tests.factories import json_definition, make_user, make_workflow
 
 
@@ -209,11 +210,11 @@ def _statements(engine, fn) -> list[str]:
     return seen
 
 
-# Statements of one enqueue and its commit, whatever the number of phases: the read of
-# workflow, version, user, balance and guest session; then on PostgreSQL one write (the
-# rate-limit hit, the execution and its phases), on SQLite BEGIN IMMEDIATE and one
-# statement each.
-ENQUEUE_STATEMENTS = {"postgresql": 2, "sqlite": 5}
+# Statements of one enqueue and its commit, whatever the number of phases. PostgreSQL:
+# one (the read of workflow, version, user, balance and guest session, the rate-limit
+# hit, the execution and its phases). SQLite: BEGIN IMMEDIATE, the read, the hit, the
+# execution, the phases.
+ENQUEUE_STATEMENTS = {"postgresql": 1, "sqlite": 5}
 
 
 def test_an_enqueue_costs_a_fixed_number_of_statements(engine, session: Session) -> None:
@@ -244,9 +245,9 @@ def test_an_enqueue_costs_a_fixed_number_of_statements(engine, session: Session)
     assert phases == 40 * 2
 
 
-def test_an_enqueue_on_postgresql_is_four_round_trips(settings, engine) -> None:
-    """Counted on the wire (BEGIN, the read, the write, COMMIT): no pool pre-ping, nothing
-    per phase. Through the benchmarks' counting proxy."""
+def test_an_enqueue_on_postgresql_is_three_round_trips(settings, engine) -> None:
+    """Counted on the wire (BEGIN, the enqueue's statement, COMMIT): no pool pre-ping,
+    nothing per phase. Through the benchmarks' counting proxy."""
     if engine.dialect.name != "postgresql":
         pytest.skip("round trips on the PostgreSQL wire protocol")
     from benchmarks.pg_roundtrips import RoundTripProxy
@@ -276,4 +277,106 @@ def test_an_enqueue_on_postgresql_is_four_round_trips(settings, engine) -> None:
                     trips.append(proxy.round_trips - before)
         finally:
             proxied.dispose()
-    assert trips == [4, 4]
+    assert trips == [3, 3]
+
+
+def test_a_republished_workflow_enqueues_its_new_version(engine, session: Session) -> None:
+    """The version an enqueue expects is a hint: after a republish the new version runs,
+    with its own phases (and the one after that takes the short path again)."""
+    from flowbuilder.platform.crud import phase_crud
+
+    user = make_user(session, credits=100)
+    wf = make_workflow(session, user, definition=json_definition(1), publish=True)
+    session.commit()
+    first = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    workflow_crud.update_workflow(
+        session=session,
+        workflow_id=wf.id,
+        user_id=user.id,
+        data=WorkflowUpdate(definition=json_definition(3)),
+    )
+    workflow_crud.publish_workflow(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    for _ in range(2):
+        ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        session.commit()
+        assert ex.workflow_version_id != first.workflow_version_id
+        phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+        assert len(phases) == 3
+    # Unpublished again: refused, on the short path's statement as on the first one.
+    workflow_crud.update_workflow(
+        session=session,
+        workflow_id=wf.id,
+        user_id=user.id,
+        data=WorkflowUpdate(definition=json_definition(2)),
+    )
+    session.commit()
+    with pytest.raises(Conflict, match="not published"):
+        prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.rollback()
+
+
+def test_phase_rows_keep_node_ids_exactly(engine, session: Session) -> None:
+    """Node ids reach the phase rows as they are, whatever characters they hold (the
+    PostgreSQL write passes them as array literals)."""
+    from flowbuilder.platform.crud import phase_crud
+
+    odd = ['a"b', "c\\d", "e,f", "{g}", "h i", "NULL", "é"]
+    definition = {
+        "version": 1,
+        "nodes": [{"id": node_id, "type": "delay", "inputs": {"seconds": 0}} for node_id in odd],
+        "edges": [],
+    }
+    user = make_user(session, credits=100)
+    wf = make_workflow(session, user, definition=definition, publish=True)
+    session.commit()
+    for _ in range(2):  # the first enqueue of the version, then the one-statement path
+        ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        session.commit()
+        phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+        assert sorted(p.node_id for p in phases) == sorted(odd)
+        assert {p.node_type for p in phases} == {"delay"}
+
+
+def test_refusals_count_a_rate_limit_hit_as_before(engine, session: Session) -> None:
+    """Once the workflow's version is known (the one-statement path), a refused enqueue
+    touches the rate-limit counter exactly as the step-by-step checks do: not at all when
+    refused before the rate limit (expired guest, unpublished), one hit when refused after
+    it (credits), undone with the caller's rollback."""
+    from flowbuilder.platform.crud import balance_crud
+    from flowbuilder.platform.engine.enqueue import enqueue_limit_key
+    from flowbuilder.platform.errors import InsufficientCredits
+    from flowbuilder.platform.models import RateLimitEntry
+
+    guest = make_user(session, guest=True, credits=2)
+    wf = make_workflow(session, guest, definition=json_definition(1), publish=True)
+    session.commit()
+
+    def count() -> int:
+        found = session.exec(
+            select(RateLimitEntry.count).where(RateLimitEntry.key == enqueue_limit_key(guest.id))
+        ).first()
+        return found or 0
+
+    with override_settings(RATE_LIMIT_WINDOW_SECONDS=86400):
+        prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)
+        session.commit()
+        assert count() == 1
+        balance_crud.debit_credits(session=session, user_id=guest.id, amount=2, idempotency_key="d")
+        session.commit()
+        with pytest.raises(InsufficientCredits):
+            prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)
+        assert count() == 2  # counted, as the step-by-step checks always did ...
+        session.rollback()
+        assert count() == 1  # ... and undone with the transaction
+        session.execute(
+            sa.update(GuestSession)
+            .where(GuestSession.user_id == guest.id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+        with pytest.raises(Conflict, match="guest session has expired"):
+            prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)
+        assert count() == 1
+        session.rollback()
