@@ -97,11 +97,14 @@ def prepare_execution(
     (InsufficientCredits). Flushes only; the caller's unit of work commits and only then
     is the task sent.
 
-    Two statements on the common path, whatever the number of phases (this is the API's
-    latency): one read of everything the checks need, and one write (on PostgreSQL the
-    rate-limit hit, the execution and its phases in one statement; the rows are written
-    only if the hit is within the limit). The version's plan and the result of its
-    validation are kept in memory (:class:`_VersionCache`).
+    A fixed number of statements whatever the number of phases (this is the API's
+    latency). The plan of a version and the result of its validation are kept in memory
+    (:class:`_VersionCache`). On PostgreSQL, when this process has enqueued the
+    workflow's published version before and it names no credential: ONE statement that
+    reads, checks and writes (the rate-limit hit, the execution, its phases), writing
+    only if every check holds. Otherwise (first enqueue of a version, credentials to
+    check, a refusal), one read of everything the checks need, the checks here in the
+    order above, then one write. SQLite: the read, the hit, the two inserts.
     """
     settings = get_settings()
     _check_inputs(inputs, settings.MAX_DEFINITION_BYTES)

@@ -380,3 +380,43 @@ def test_refusals_count_a_rate_limit_hit_as_before(engine, session: Session) -> 
             prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)
         assert count() == 1
         session.rollback()
+
+
+def test_concurrent_enqueues_never_pass_the_rate_limit(engine, session: Session) -> None:
+    """Enqueues racing on the one-statement path: exactly the limit's worth succeed."""
+    import threading
+
+    from flowbuilder.platform import db
+    from flowbuilder.platform.errors import RateLimited
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("concurrent writers (SQLite serialises them on its write lock)")
+    user = make_user(session, credits=1000)
+    wf = make_workflow(session, user, definition=json_definition(3), publish=True)
+    session.commit()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+    with override_settings(RATE_LIMIT_USER=4, RATE_LIMIT_WINDOW_SECONDS=86400):
+        with db.unit_of_work(engine) as first:  # the version is known from here on
+            prepare_execution(session=first, workflow_id=wf.id, user_id=user.id)
+
+        def enqueue() -> None:
+            barrier.wait()
+            try:
+                with db.unit_of_work(engine) as own:
+                    prepare_execution(session=own, workflow_id=wf.id, user_id=user.id)
+                result = "ok"
+            except RateLimited:
+                result = "limited"
+            with lock:
+                outcomes.append(result)
+
+        threads = [threading.Thread(target=enqueue) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(outcomes) == ["limited"] * 5 + ["ok"] * 3
+    executions = execution_crud.list_executions_for_user(session=session, user_id=user.id)
+    assert len(executions) == 4
