@@ -100,8 +100,8 @@ def prepare_execution(
     A fixed number of statements whatever the number of phases (this is the API's
     latency). The plan of a version and the result of its validation are kept in memory
     (:class:`_VersionCache`). On PostgreSQL, when this process has enqueued the
-    workflow's published version before and it names no credential: ONE statement that
-    reads, checks and writes (the rate-limit hit, the execution, its phases), writing
+    workflow's published version before: ONE statement that reads, checks (credential
+    ownership included) and writes (the rate-limit hit, the execution, its phases), writing
     only if every check holds. Otherwise (first enqueue of a version, credentials to
     check, a refusal), one read of everything the checks need, the checks here in the
     order above, then one write. SQLite: the read, the hit, the two inserts.
@@ -132,9 +132,9 @@ def prepare_execution(
     )
     try:
         if postgres:
-            # One statement when this process knows the workflow's published version and
-            # it names no credential: the checks and the writes together. Otherwise (or
-            # when a check fails) it writes nothing and the checks below run on what it read.
+            # One statement when this process knows the workflow's published version: the
+            # checks and the writes together. Otherwise (or when a check fails) it writes
+            # nothing and the checks below run on what it read.
             expected = _versions.expected(workflow_id, settings)
             row, count = _enqueue_postgres(connection, execution, expected, key, settings, now)
         else:
@@ -291,7 +291,8 @@ _WRITE_POSTGRES = (
 )
 # The enqueue in one statement: what _READ reads, and the write above gated on every
 # check of prepare_execution passing for the version this process expects (validated,
-# naming no credential). A check that fails writes nothing: no hit either.
+# and the user still owns every credential it names). A check that fails writes
+# nothing: no hit either.
 _ENQUEUE_POSTGRES = (
     """\
 WITH ctx AS (
@@ -311,7 +312,13 @@ WITH ctx AS (
     WHERE ctx.version_id = %(workflow_version_id)s
         AND ctx.status = %(published)s::varchar AND ctx.published_version <> 0
         AND (NOT ctx.is_guest OR ctx.guest_alive)
-        AND coalesce(ctx.credits, 0) >= %(total_credits)s::int"""
+        AND coalesce(ctx.credits, 0) >= %(total_credits)s::int
+        AND NOT EXISTS (
+            SELECT 1 FROM unnest(%(credential_ids)s::uuid[]) AS named(id)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM credential c WHERE c.id = named.id AND c.user_id = %(user_id)s
+            )
+        )"""
     )
     + "\n), "
     + _EXECUTION_AND_PHASES.format(
@@ -370,6 +377,7 @@ def _enqueue_postgres(
         now=now,
         published=WorkflowStatus.PUBLISHED.value,
         total_credits=version.plan.total_credits if version is not None else 0,
+        credential_ids=version.credential_array if version is not None else "{}",
         guest_limit=enqueue_limit(settings, is_guest=True),
         user_limit=enqueue_limit(settings, is_guest=False),
     )
@@ -433,8 +441,10 @@ class _Version:
     """A published version, parsed and validated once per process."""
 
     plan: ExecutionPlan
-    # The credentials its nodes name: their ownership is checked again on every enqueue.
+    # The credentials its nodes name: their ownership is checked again on every enqueue
+    # (and the array literal of their ids, for the one-statement enqueue).
     credential_ids: frozenset[uuid.UUID]
+    credential_array: str
     # The phase columns of the PostgreSQL write, rendered once (array literals: psycopg
     # would otherwise adapt every element of every list on every enqueue).
     phase_columns: dict[str, str]
@@ -482,12 +492,13 @@ class _VersionCache:
         self, workflow_id: uuid.UUID, settings: Settings
     ) -> tuple[uuid.UUID, _Version] | None:
         """The version an enqueue of ``workflow_id`` can be checked against in SQL alone:
-        known, validated under these settings, and naming no credential."""
+        known and validated under these settings (the ownership of the credentials it
+        names is checked by the statement)."""
         version_id = self._latest.get(workflow_id)
         if version_id is None:
             return None
         entry = self._get(version_id, settings)
-        if entry is None or entry.credential_ids:
+        if entry is None:
             return None
         return version_id, entry
 
@@ -555,6 +566,7 @@ class _VersionCache:
         entry = _Version(
             plan=plan,
             credential_ids=credential_ids,
+            credential_array=_array_literal(sorted(str(c) for c in credential_ids)),
             phase_columns={
                 "numbers": _array_literal(node.number for node in plan.nodes),
                 "node_ids": _array_literal(node.node_id for node in plan.nodes),

@@ -211,21 +211,42 @@ def _statements(engine, fn) -> list[str]:
 
 
 # Statements of one enqueue and its commit, whatever the number of phases. PostgreSQL:
-# one (the read of workflow, version, user, balance and guest session, the rate-limit
-# hit, the execution and its phases). SQLite: BEGIN IMMEDIATE, the read, the hit, the
-# execution, the phases.
-ENQUEUE_STATEMENTS = {"postgresql": 1, "sqlite": 5}
+# one (the read of workflow, version, user, balance and guest session, the ownership of
+# the credentials the version names, the rate-limit hit, the execution and its phases).
+# SQLite: BEGIN IMMEDIATE, the read, the hit, the execution, the phases; and the user's
+# credentials when the version names one.
+ENQUEUE_STATEMENTS = {
+    "postgresql": {1: 1, 40: 1, "credential": 1},
+    "sqlite": {1: 5, 40: 5, "credential": 6},
+}
 
 
 def test_an_enqueue_costs_a_fixed_number_of_statements(engine, session: Session) -> None:
+    from flowbuilder.platform.crud import credentials_crud
+
     user = make_user(session, credits=1000)
-    workflows = {
+    workflows: dict[Any, Any] = {
         n: make_workflow(session, user, definition=json_definition(n), publish=True)
         for n in (1, 40)
     }
+    # A version that names a credential: its ownership is checked in the same statement.
+    cred = credentials_crud.create_credential(
+        session=session, user_id=user.id, name="api", type="bearer_token", secret_value="tok-1"
+    )
+    node = {"id": "call", "type": "http_request", "inputs": {"url": "http://example.invalid/"}}
+    workflows["credential"] = make_workflow(
+        session,
+        user,
+        definition={
+            "version": 1,
+            "nodes": [{**node, "credential_id": str(cred.id)}],
+            "edges": [],
+        },
+        publish=True,
+    )
     session.commit()
 
-    def enqueue(n: int) -> None:
+    def enqueue(n: Any) -> None:
         prepare_execution(session=session, workflow_id=workflows[n].id, user_id=user.id)
         session.commit()
 
@@ -234,8 +255,7 @@ def test_an_enqueue_costs_a_fixed_number_of_statements(engine, session: Session)
     # The session's own engine (on SQLite the fixture's session has one).
     bind = session.get_bind()
     counts = {n: len(_statements(bind, lambda n=n: enqueue(n))) for n in workflows}
-    expected = ENQUEUE_STATEMENTS[engine.dialect.name]
-    assert counts == {1: expected, 40: expected}, counts
+    assert counts == ENQUEUE_STATEMENTS[engine.dialect.name], counts
     phases = session.exec(
         select(sa.func.count())
         .select_from(ExecutionPhase)
