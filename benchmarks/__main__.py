@@ -24,7 +24,8 @@ RESULTS_DIR = Path(__file__).with_name("results")
 # Benchmarks written elsewhere, included by name when their module is present. Each
 # exposes ``run(quick: bool) -> dict``.
 OPTIONAL = {"scheduler": "benchmarks.bench_scheduler"}
-NAMES = ("worker", "definitions", "broker", *OPTIONAL)
+# "enqueue": only the worker suite's enqueue latency (enqueue vs one bare send, interleaved).
+NAMES = ("worker", "definitions", "broker", "enqueue", *OPTIONAL)
 # The broker settings sweep starts a worker per configuration and round (~7 min): run it
 # with --only broker (or list it) when the settings are in question.
 DEFAULT = ("worker", "definitions", *OPTIONAL)
@@ -73,11 +74,17 @@ def run_all(quick: bool, only: tuple[str, ...] = DEFAULT) -> dict[str, Any]:
     def log(message: str) -> None:
         print(f"... {message}", file=sys.stderr, flush=True)
 
-    if "worker" in only or "broker" in only:
+    if "worker" in only or "broker" in only or "enqueue" in only:
         from benchmarks import bench_broker, bench_worker
         from benchmarks.harness import services
 
         with services() as svc:
+            if "enqueue" in only and "worker" not in only:
+                results["worker"] = {
+                    "enqueue": bench_worker.measure_enqueue(
+                        svc, samples=40 if quick else 200, long_phases=40
+                    )
+                }
             if "worker" in only:
                 results["worker"] = bench_worker.run(svc, quick=quick, log=log)
             if "broker" in only:
@@ -113,7 +120,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(measure, baseline, project, ratio) lines."""
     out: list[tuple[str, str, str, str]] = []
     w = results.get("worker")
-    if w:
+    if w and "phase_overhead" in w:
         o = w["phase_overhead"]
         out.append(
             (
@@ -208,6 +215,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _r(k["ratio"]),
             )
         )
+    if w and "enqueue" in w:
         e = w["enqueue"]
         n = e["long_phases"]
         for label, key, rk in (

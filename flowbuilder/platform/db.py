@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -89,7 +90,9 @@ def make_engine(
         _sqlite_setup(engine, sqlite_begin)
         return engine
     options = {
-        "pool_pre_ping": True,
+        # Instead of a ping per checkout (a round trip on every unit of work): see
+        # _check_idle_connection.
+        "pool_pre_ping": False,
         "pool_size": settings.DB_POOL_SIZE,
         "max_overflow": settings.DB_MAX_OVERFLOW,
         # Recycle before common server/load-balancer idle cut-offs.
@@ -98,7 +101,59 @@ def make_engine(
         "json_serializer": dumps_json,
     }
     options.update(kwargs)
-    return sa.create_engine(sa_url, **options)
+    engine = sa.create_engine(sa_url, **options)
+    if not options["pool_pre_ping"]:
+        _check_connections_at_checkout(engine)
+    return engine
+
+
+def _check_connections_at_checkout(engine: Engine) -> None:
+    """Hand out only live connections, without a round trip for the ones that are.
+
+    A pool pre-ping costs a round trip on every checkout, that is on every unit of work
+    (an enqueue, each phase of a run). This check reads the connection's socket instead,
+    without waiting: an idle connection in the pool has nothing to read, unless the
+    server or the network ended it. Server restart, ``pg_terminate_backend``,
+    ``idle_session_timeout``, a failover or a proxy closing it all send an error message
+    and/or close the socket (FIN or RST), and then the socket is readable. Only then, or
+    when the state cannot be read, the connection is pinged as the pre-ping did, and a
+    failed ping makes the pool replace it (DisconnectionError, SQLAlchemy's documented
+    way for a checkout check). Nothing else arrives on an idle connection here (no
+    LISTEN); a harmless message (a parameter change after a reload) only costs a ping.
+    What neither detects is a peer that vanished silently (no FIN): the pre-ping
+    blocked on it until the TCP timeout too. ``pool_recycle`` still applies.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if _idle_and_quiet(dbapi_connection):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+            # The ping's transaction must not be the caller's.
+            dbapi_connection.rollback()
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"connection check failed: {exc}") from exc
+
+
+def _idle_and_quiet(dbapi_connection: Any) -> bool:
+    """True if this psycopg connection is idle and its socket has nothing to read."""
+    try:
+        from psycopg import pq
+
+        # The async driver's connection is wrapped by SQLAlchemy's adapter.
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        pgconn = connection.pgconn
+        if (
+            pgconn.status != pq.ConnStatus.OK
+            or pgconn.transaction_status != pq.TransactionStatus.IDLE
+        ):
+            return False
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
+    except Exception:  # noqa: BLE001 - unknown state (or no poll()): ping instead
+        return False
 
 
 def get_engine() -> Engine:
@@ -167,9 +222,12 @@ def create_async_engine(url: str | None = None, **kwargs: Any) -> AsyncEngine:
         engine = _create_async_engine(sa_url, **options)
         _sqlite_setup(engine.sync_engine)
         return engine
-    options = {"pool_pre_ping": True, "pool_size": settings.DB_POOL_SIZE}
+    options = {"pool_pre_ping": False, "pool_size": settings.DB_POOL_SIZE}
     options.update(kwargs)
-    return _create_async_engine(sa_url, **options)
+    engine = _create_async_engine(sa_url, **options)
+    if not options["pool_pre_ping"]:
+        _check_connections_at_checkout(engine.sync_engine)
+    return engine
 
 
 def get_async_engine() -> AsyncEngine:

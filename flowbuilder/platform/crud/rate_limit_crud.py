@@ -47,10 +47,18 @@ def hit(
         .returning(RateLimitEntry.count)
     )
     count = session.execute(stmt).scalar_one()
+    check_count(key=key, count=count, limit=limit, window_seconds=window_seconds, now=now)
+    return count
+
+
+def check_count(*, key: str, count: int, limit: int, window_seconds: int, now: datetime) -> None:
+    """RateLimited if ``count`` (the window's count after this hit) is past ``limit``.
+
+    For callers that make the hit in a statement of their own (the enqueue's write)."""
     if count > limit:
+        start = window_start(now, window_seconds)
         retry_after = (start + timedelta(seconds=window_seconds) - now).total_seconds()
         raise RateLimited(key, limit, max(retry_after, 0.0))
-    return count
 
 
 def purge_expired(*, session: Session, before: datetime) -> int:

@@ -101,6 +101,7 @@ def register_node_type(node_type: NodeType, *, replace: bool = False) -> NodeTyp
         if node_type.type in _types and not replace:
             raise ValueError(f"node type {node_type.type!r} is already registered")
         _types[node_type.type] = node_type
+        _bump()
     return node_type
 
 
@@ -108,6 +109,22 @@ def unregister_node_type(type_name: str) -> None:
     """Remove a node type (tests)."""
     with _lock:
         _types.pop(type_name, None)
+        _bump()
+
+
+# Changes of the registry, counted: what was validated against it (a cached validation
+# result, engine.enqueue) is checked again after a change.
+_generation = 0
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
+
+
+def registry_generation() -> int:
+    """A number that changes whenever a node type is registered or removed."""
+    return _generation
 
 
 def get_node_type(type_name: str) -> NodeType:

@@ -38,7 +38,7 @@ from flowbuilder.platform.models import (
     PhaseStatus,
     WorkflowExecution,
 )
-from flowbuilder.platform.nodes import register_node_type, unregister_node_type
+from flowbuilder.platform.nodes import get_node_type, register_node_type, unregister_node_type
 from flowbuilder.platform.nodes.base import NodeError, NodeType, PortSpec
 from flowbuilder.platform.settings import override_settings
 from tests.factories import json_definition, make_user, make_workflow
@@ -245,7 +245,13 @@ def test_prepare_refusals(engine, session: Session) -> None:
 
 
 def test_definition_invalid_at_enqueue_is_refused(engine, session: Session) -> None:
-    """A published version that no longer validates (its credential was deleted) never runs."""
+    """A published version that does not validate in this process never runs.
+
+    Versions are immutable, so the enqueue validates each one once per process (the
+    in-place change here stands for what a new process sees after a deploy changed the
+    rules): an enqueue of a version this process has not validated yet checks it."""
+    from flowbuilder.platform.engine import enqueue
+
     user, wf, _ = _prepare(session, json_definition(1))
     version = session.exec(sa.text("select id from workflow_version")).first()
     session.execute(
@@ -256,8 +262,71 @@ def test_definition_invalid_at_enqueue_is_refused(engine, session: Session) -> N
         },
     )
     session.commit()
+    enqueue._versions.clear()  # a process that has not seen the version yet
     with pytest.raises(ValidationFailed, match="nope"):
         prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.rollback()
+    # Refused every time, not only the first.
+    with pytest.raises(ValidationFailed, match="nope"):
+        prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.rollback()
+
+
+def _credential_workflow(session: Session, credits: int = 10):
+    from flowbuilder.platform.crud import credentials_crud
+
+    user = make_user(session, credits=credits)
+    cred = credentials_crud.create_credential(
+        session=session, user_id=user.id, name="api", type="bearer_token", secret_value="tok-123456"
+    )
+    definition = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "call",
+                "type": "http_request",
+                "inputs": {"url": "http://example.invalid/x"},
+                "credential_id": str(cred.id),
+            }
+        ],
+        "edges": [],
+    }
+    wf = make_workflow(session, user, definition=definition, publish=True)
+    session.commit()
+    return user, cred, wf
+
+
+def test_credential_deleted_after_publish_refuses_the_enqueue(engine, session: Session) -> None:
+    """The ownership of a version's credentials is checked on every enqueue, even once the
+    version itself is known valid: a deleted credential is refused with the validation's
+    own message, and nothing is recorded."""
+    from flowbuilder.platform.crud import credentials_crud
+
+    user, cred, wf = _credential_workflow(session)
+    prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    credentials_crud.delete_credential(session=session, credential_id=cred.id, user_id=user.id)
+    session.commit()
+    for _ in range(2):
+        with pytest.raises(ValidationFailed, match="does not exist or belongs to another user"):
+            prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        session.rollback()
+    assert len(execution_crud.list_executions_for_user(session=session, user_id=user.id)) == 1
+
+
+def test_node_type_removed_refuses_a_validated_version(engine, session: Session) -> None:
+    """A change of the node registry invalidates what was validated against it."""
+    user, wf, _ = _prepare(session, _chain(("test_chatty", {"lines": 1})))
+    chatty = get_node_type("test_chatty")
+    unregister_node_type("test_chatty")
+    try:
+        with pytest.raises(ValidationFailed, match="test_chatty"):
+            prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        session.rollback()
+    finally:
+        register_node_type(chatty, replace=True)
+    prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
 
 
 def test_rate_limit_guest_stricter(engine, session: Session) -> None:
