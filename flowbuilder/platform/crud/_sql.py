@@ -91,8 +91,24 @@ def send_returning(connection: Connection, statement: Any, params: dict[str, Any
         if name in values and values[name] is not None:
             values[name] = process(values[name])
     cursor = connection.connection.driver_connection.cursor()
-    cursor.execute(compiled.string, values)
+    _execute(connection, cursor, compiled.string, values)
     return cursor
+
+
+def send_command(connection: Connection, command: str) -> None:
+    """A statement without parameters or result (BEGIN, COMMIT) on the driver's cursor."""
+    _execute(connection, connection.connection.driver_connection.cursor(), command, None)
+
+
+def _execute(connection: Connection, cursor: Any, statement: str, params: Any) -> None:
+    # SQLAlchemy's cursor events fire for these too, as for its own statements: whatever
+    # watches them (tracing, statement counts, the tests' fault injection) sees them all.
+    dispatch = connection.dispatch
+    if dispatch.before_cursor_execute:
+        dispatch.before_cursor_execute(connection, cursor, statement, params, None, False)
+    cursor.execute(statement, params)
+    if dispatch.after_cursor_execute:
+        dispatch.after_cursor_execute(connection, cursor, statement, params, None, False)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from flowbuilder.platform.crud import (
     log_crud,
     phase_crud,
 )
-from flowbuilder.platform.crud._sql import driver_errors
+from flowbuilder.platform.crud._sql import driver_errors, send_command
 from flowbuilder.platform.db import get_engine, unit_of_work
 from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
@@ -267,7 +267,7 @@ class _RunConnection:
             # ends, see _driver_idle.
             driver.autocommit = True
             with driver.pipeline():
-                driver.execute("BEGIN")
+                send_command(conn, "BEGIN")
                 answer = send_renew(conn, state)
                 written = writes(session)
             # Sent and answered when the batch closed (one round trip): read, no wait.
@@ -288,7 +288,7 @@ class _RunConnection:
                 # The COMMIT in the same batch (the batch's Sync ends it, one round
                 # trip). The session's own commit then finds the driver idle: psycopg
                 # sends nothing more.
-                driver.execute("COMMIT")
+                send_command(conn, "COMMIT")
         else:
             for statement, params in deferred:
                 session.connection().execute(statement, params)
