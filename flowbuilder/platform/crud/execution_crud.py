@@ -221,28 +221,38 @@ def claim_execution(
     ``started_at`` set once) and returns the row as updated; None when it was not taken
     (missing, ended, or a live lease held by another owner)."""
     now = now or utcnow()
-    stmt = (
-        sa.update(WorkflowExecution)
-        .where(
-            WorkflowExecution.id == execution_id,
-            WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
-            sa.or_(
-                WorkflowExecution.lease_owner.is_(None),
-                WorkflowExecution.lease_owner == owner,
-                WorkflowExecution.lease_expires_at < now,
-            ),
-        )
-        .values(
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=WorkflowExecution.attempts + 1,
-            status=ExecutionStatus.RUNNING,
-            started_at=sa.func.coalesce(WorkflowExecution.started_at, now),
-        )
-        .returning(WorkflowExecution)
-        .execution_options(synchronize_session=False, populate_existing=True)
+    params = {
+        "b_id": execution_id,
+        "b_owner": owner,
+        "b_now": now,
+        "b_expires": now + timedelta(seconds=lease_seconds),
+    }
+    return session.scalars(_CLAIM, params).first()
+
+
+# Built once: a statement built per call costs its construction and its cache key on
+# every claim (one per run).
+_CLAIM = (
+    sa.update(WorkflowExecution)
+    .where(
+        WorkflowExecution.id == sa.bindparam("b_id"),
+        WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
+        sa.or_(
+            WorkflowExecution.lease_owner.is_(None),
+            WorkflowExecution.lease_owner == sa.bindparam("b_owner"),
+            WorkflowExecution.lease_expires_at < sa.bindparam("b_now"),
+        ),
     )
-    return session.scalars(stmt).first()
+    .values(
+        lease_owner=sa.bindparam("b_owner"),
+        lease_expires_at=sa.bindparam("b_expires"),
+        attempts=WorkflowExecution.attempts + 1,
+        status=ExecutionStatus.RUNNING,
+        started_at=sa.func.coalesce(WorkflowExecution.started_at, sa.bindparam("b_now")),
+    )
+    .returning(WorkflowExecution)
+    .execution_options(synchronize_session=False, populate_existing=True)
+)
 
 
 def finish_execution(
