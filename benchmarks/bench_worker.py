@@ -384,7 +384,7 @@ def measure_drain(
     rounds: int,
     transport_options: dict[str, Any] | None = None,
     prefetch: int | None = None,
-    bare_options: list[tuple[str, dict | None, int | None]] | None = None,
+    bare_options: list[tuple[str, dict | None, int | None, str | None]] | None = None,
 ) -> dict:
     """``runs`` runs queued while no worker runs, then a worker started: runs per second
     from the first start to the last completion. Fresh queues and workers every round."""
@@ -411,7 +411,7 @@ def measure_drain(
             ):
                 start, done = bare._times(key, runs)
             base.append((runs - 1) / (done - start))
-        for label, options, pf in bare_options or []:
+        for label, options, pf, channel in bare_options or []:
             # Fresh queues again: the bare worker above has just stopped, and its last
             # long poll may still be pending on the old queue.
             with session(svc, project_worker=False, bare_worker=False, warm=False) as (
@@ -420,7 +420,14 @@ def measure_drain(
                 _,
             ):
                 key, _sent = bare.noops(runs)
-                with Worker(svc, "bare", _current_prefix(), transport_options=options, prefetch=pf):
+                with Worker(
+                    svc,
+                    "bare",
+                    _current_prefix(),
+                    transport_options=options,
+                    prefetch=pf,
+                    bare_channel=channel,
+                ):
                     start, done = bare._times(key, runs)
             extra.setdefault(label, []).append((runs - 1) / (done - start))
     result = {
@@ -766,7 +773,13 @@ def run(svc: Services, *, quick: bool, log: Callable[[str], None] = print) -> di
         svc,
         runs=runs,
         rounds=1 if quick else 3,
-        bare_options=None if quick else [("prefetch4_polling0", {"polling_interval": 0}, 4)],
+        bare_options=None
+        if quick
+        else [
+            ("prefetch4_polling0", {"polling_interval": 0}, 4, None),
+            # No-op tasks on the project's own SQS channel (batched acknowledgements).
+            ("project_channel", None, None, "project"),
+        ],
     )
     log("enqueue latency")
     results["enqueue"] = measure_enqueue(svc, samples=20 if quick else 150, long_phases=phases)

@@ -207,9 +207,12 @@ class Worker:
         prefetch: int | None = None,
         concurrency: int = 2,
         queue: str | None = None,
+        bare_channel: str | None = None,
     ) -> None:
         env = dict(os.environ)
         env.update(svc.settings_env(queue_prefix))
+        if bare_channel:
+            env["BENCH_BARE_CHANNEL"] = bare_channel
         env["BENCH_REDIS_URL"] = REDIS_URL
         env["PYTHONUNBUFFERED"] = "1"
         if transport_options:

@@ -10,7 +10,9 @@ between a project run and its baseline is the project's code:
   whose tasks do only the work itself (sleep, pass a payload on) and record when they
   start and finish in Redis (the harness reads the times back).
 
-``BENCH_TRANSPORT_OPTIONS`` (JSON, merged into ``broker_transport_options``) and
+``BENCH_BARE_CHANNEL=project`` runs the bare app on the project's SQS channel and
+consumer instead of kombu's and Celery's own. ``BENCH_TRANSPORT_OPTIONS`` (JSON, merged
+into ``broker_transport_options``) and
 ``BENCH_PREFETCH`` (``worker_prefetch_multiplier``) let the harness measure other
 broker settings without editing the project: both apps apply them at import.
 """
@@ -50,8 +52,11 @@ def _bare_config() -> dict[str, Any]:
     config.pop("beat_schedule", None)
     # Stock Celery and kombu: the project's SQS channel (poison messages, batched
     # acknowledgements) and its consumer are the project's code, measured on its side.
-    config.pop("broker_transport", None)
-    config.pop("worker_consumer", None)
+    # BENCH_BARE_CHANNEL=project keeps them: no-op tasks on the project's channel, the
+    # floor of what the project's worker can do on this broker.
+    if os.environ.get("BENCH_BARE_CHANNEL") != "project":
+        config.pop("broker_transport", None)
+        config.pop("worker_consumer", None)
     return config
 
 
