@@ -430,6 +430,9 @@ def _memory(
             "BEAT_MAX_LOOP_INTERVAL_SECONDS": "1",
             "SWEEP_PENDING_AFTER_SECONDS": "3600",
             "LOG_JSON": "true",
+            # Its "Acquired lock" line (INFO) is how this waits for it, whatever the
+            # caller's own LOG_LEVEL.
+            "LOG_LEVEL": "INFO",
         }
     )
     log = open(workdir / "beat.log", "wb")  # noqa: SIM115 - closed below
@@ -446,7 +449,8 @@ def _memory(
         deadline = time.monotonic() + 60
         while b"Acquired lock" not in (workdir / "beat.log").read_bytes():
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("beat did not start")
+                tail = (workdir / "beat.log").read_bytes()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"beat did not start; its log ends with:\n{tail}")
             time.sleep(0.2)
         for _ in range(rounds):
             # A fresh executions queue each round (moto slows down with depth and
