@@ -138,6 +138,18 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _r(o["ratio_total_to_floor"]),
             )
         )
+        by_count = w.get("phase_overhead_by_count") or {}
+        for n, c in sorted(by_count.items(), key=lambda item: int(item[0])):
+            if int(n) == o["phases"]:
+                continue
+            out.append(
+                (
+                    f"  overhead/phase, {n} phase{'' if int(n) == 1 else 's'} of 10 ms (ms)",
+                    f"chain {_r(c['chain_ms_per_step'])}",
+                    _r(c["project_ms_per_phase"]),
+                    _r(c["ratio_to_chain"]),
+                )
+            )
         g = w["phase_overhead_large_outputs"]
         out.append(
             (
@@ -301,7 +313,30 @@ def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     w = results["worker"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_count = w.get("phase_overhead_by_count") or {}
+    fig, axes = plt.subplots(1, 3 if by_count else 2, figsize=(16 if by_count else 11, 4.2))
+    if by_count:
+        ax0, ax1, ax2 = axes
+        counts = sorted(by_count, key=int)
+        ax0.plot(
+            [int(n) for n in counts],
+            [by_count[n]["chain_ms_per_step"]["median"] for n in counts],
+            "o-",
+            label="bare Celery chain",
+        )
+        ax0.plot(
+            [int(n) for n in counts],
+            [by_count[n]["project_ms_per_phase"]["median"] for n in counts],
+            "o-",
+            label="project",
+        )
+        ax0.set_xlabel("phases (10 ms each)")
+        ax0.set_ylabel("overhead per phase (ms), enqueue→done")
+        ax0.set_title("overhead per phase vs phase count")
+        ax0.set_ylim(bottom=0)
+        ax0.legend()
+    else:
+        ax1, ax2 = axes
     labels = [
         "10 ms phases",
         f"{w['phase_overhead_large_outputs']['payload_bytes'] // 1000} KB outputs",

@@ -752,6 +752,15 @@ def run(svc: Services, *, quick: bool, log: Callable[[str], None] = print) -> di
         results["phase_overhead"] = measure_phase_overhead(
             svc, project, bare, phases=phases, seconds=0.01, rounds=rounds
         )
+        if not quick:
+            log("overhead per phase by phase count")
+            results["phase_overhead_by_count"] = {
+                str(n): measure_phase_overhead(
+                    svc, project, bare, phases=n, seconds=0.01, rounds=rounds, name="count"
+                )
+                for n in (1, 5, 10, 20)
+            }
+            results["phase_overhead_by_count"][str(phases)] = results["phase_overhead"]
         log("overhead per phase with large outputs")
         big = payload_of(8_000 if quick else 122_000)
         results["phase_overhead_large_outputs"] = measure_phase_overhead(

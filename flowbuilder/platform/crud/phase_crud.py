@@ -49,12 +49,9 @@ def create_phases(
     )
 
 
-def insert_phases(*, session: Session, execution: WorkflowExecution, planned: Iterable[Any]) -> int:
-    """Insert one phase per planned node in one statement; returns how many.
-
-    The enqueue path: Core rows, no ORM object per phase (building 40 of them and
-    flushing them cost more than the rest of an enqueue)."""
-    rows = [
+def phase_rows(execution: WorkflowExecution, planned: Iterable[Any]) -> list[dict[str, Any]]:
+    """The rows of a new execution's phases, one per planned node, in plan order."""
+    return [
         {
             "id": uuid.uuid4(),
             "execution_id": execution.id,
@@ -70,6 +67,14 @@ def insert_phases(*, session: Session, execution: WorkflowExecution, planned: It
         }
         for position, node in enumerate(planned)
     ]
+
+
+def insert_phases(*, session: Session, execution: WorkflowExecution, planned: Iterable[Any]) -> int:
+    """Insert one phase per planned node in one statement; returns how many.
+
+    The enqueue path: Core rows, no ORM object per phase (building 40 of them and
+    flushing them cost more than the rest of an enqueue)."""
+    rows = phase_rows(execution, planned)
     if rows:
         # The execution's own row may be pending in the session: flush it first.
         session.flush()

@@ -189,7 +189,9 @@ def prepare_execution(
             else:
                 hit()
                 connection.execute(_INSERT_EXECUTION, _execution_row(execution))
-                connection.execute(_INSERT_PHASE, _phase_rows(execution, version.plan))
+                connection.execute(
+                    _INSERT_PHASE, phase_crud.phase_rows(execution, version.plan.nodes)
+                )
             _versions.remember(workflow_id, version_id)
     except DataError as exc:
         # Checked above, so this is a gap in the checks; still the caller's input, and
@@ -414,25 +416,6 @@ def _execution_row(execution: WorkflowExecution) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _phase_rows(execution: WorkflowExecution, plan: ExecutionPlan) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": uuid.uuid4(),
-            "execution_id": execution.id,
-            "user_id": execution.user_id,
-            "number": node.number,
-            "position": position,
-            "node_id": node.node_id,
-            "node_type": node.node_type,
-            "status": PhaseStatus.CREATED,
-            "credits_cost": node.credits,
-            "credits_charged": 0,
-            "attempts": 0,
-        }
-        for position, node in enumerate(plan.nodes)
-    ]
-
-
 # ------------------------------------------------------------------ the version cache
 
 
@@ -483,10 +466,13 @@ class _VersionCache:
 
     def remember(self, workflow_id: uuid.UUID, version_id: uuid.UUID) -> None:
         with self._lock:
-            self._latest[workflow_id] = version_id
-            self._latest.move_to_end(workflow_id)
-            while len(self._latest) > self.size:
-                self._latest.popitem(last=False)
+            self._put_bounded(self._latest, workflow_id, version_id)
+
+    def _put_bounded(self, entries: collections.OrderedDict, key: Any, value: Any) -> None:
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
 
     def expected(
         self, workflow_id: uuid.UUID, settings: Settings
@@ -516,10 +502,7 @@ class _VersionCache:
 
     def _put(self, version_id: uuid.UUID, entry: _Version) -> None:
         with self._lock:
-            self._entries[version_id] = entry
-            self._entries.move_to_end(version_id)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            self._put_bounded(self._entries, version_id, entry)
 
     def checked(
         self,
