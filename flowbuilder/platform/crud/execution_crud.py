@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -207,6 +208,19 @@ def acquire_lease(
     return result.rowcount == 1
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What a run needs of the execution it has just claimed (the row as updated)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    workflow_id: uuid.UUID | None
+    workflow_version_id: uuid.UUID | None
+    attempts: int
+    started_at: datetime | None
+    cancel_requested: bool
+
+
 def claim_execution(
     *,
     session: Session,
@@ -214,45 +228,49 @@ def claim_execution(
     owner: str,
     lease_seconds: float,
     now: datetime | None = None,
-) -> WorkflowExecution | None:
+) -> Claimed | None:
     """:func:`acquire_lease` and the move to running, in one UPDATE ... RETURNING.
 
     Takes the lease (counting the attempt), marks a pending execution running (its
-    ``started_at`` set once) and returns the row as updated; None when it was not taken
-    (missing, ended, or a live lease held by another owner)."""
+    ``started_at`` set once) and returns what the run needs of the row as updated; None
+    when it was not taken (missing, ended, or a live lease held by another owner)."""
+    params = _claim_params(execution_id, owner, lease_seconds, now)
+    row = session.connection().execute(_CLAIM, params).first()
+    return Claimed(*row) if row is not None else None
+
+
+def send_claim(
+    *,
+    connection: Connection,
+    execution_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> Callable[[], Claimed | None]:
+    """:func:`claim_execution` queued in a batch (psycopg's pipeline mode): returns the
+    function that reads its answer once the batch is sent."""
+    params = _claim_params(execution_id, owner, lease_seconds, now)
+    cursor = send_returning(connection, _CLAIM, params)
+
+    def answer() -> Claimed | None:
+        row = cursor.fetchone()
+        return Claimed(*row) if row is not None else None
+
+    return answer
+
+
+def _claim_params(
+    execution_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None
+) -> dict[str, Any]:
     now = now or utcnow()
-    params = {
+    return {
         "b_id": execution_id,
         "b_owner": owner,
         "b_now": now,
         "b_expires": now + timedelta(seconds=lease_seconds),
+        "b_pending": ExecutionStatus.PENDING,
+        "b_running": ExecutionStatus.RUNNING,
     }
-    return session.scalars(_CLAIM, params).first()
-
-
-# Built once: a statement built per call costs its construction and its cache key on
-# every claim (one per run).
-_CLAIM = (
-    sa.update(WorkflowExecution)
-    .where(
-        WorkflowExecution.id == sa.bindparam("b_id"),
-        WorkflowExecution.status.in_([ExecutionStatus.PENDING, ExecutionStatus.RUNNING]),
-        sa.or_(
-            WorkflowExecution.lease_owner.is_(None),
-            WorkflowExecution.lease_owner == sa.bindparam("b_owner"),
-            WorkflowExecution.lease_expires_at < sa.bindparam("b_now"),
-        ),
-    )
-    .values(
-        lease_owner=sa.bindparam("b_owner"),
-        lease_expires_at=sa.bindparam("b_expires"),
-        attempts=WorkflowExecution.attempts + 1,
-        status=ExecutionStatus.RUNNING,
-        started_at=sa.func.coalesce(WorkflowExecution.started_at, sa.bindparam("b_now")),
-    )
-    .returning(WorkflowExecution)
-    .execution_options(synchronize_session=False, populate_existing=True)
-)
 
 
 def finish_execution(
@@ -355,6 +373,42 @@ _FINISH_WITHOUT_RESULT = (
     )
 )
 _FINISH = _FINISH_WITHOUT_RESULT.returning(_EXECUTION.c.credits_consumed)
+# Built once (a statement built per call costs its construction and its cache key on
+# every claim), Core (the ORM's bulk-update path was a fifth of a one-phase run).
+_STATUS = _EXECUTION.c.status.type
+_CLAIM = (
+    sa.update(_EXECUTION)
+    .where(
+        _EXECUTION.c.id == sa.bindparam("b_id"),
+        # Not IN (...): an expanding parameter, which a statement sent on the driver's
+        # cursor (send_returning) cannot carry.
+        sa.or_(
+            _EXECUTION.c.status == sa.bindparam("b_pending", type_=_STATUS),
+            _EXECUTION.c.status == sa.bindparam("b_running", type_=_STATUS),
+        ),
+        sa.or_(
+            _EXECUTION.c.lease_owner.is_(None),
+            _EXECUTION.c.lease_owner == sa.bindparam("b_owner"),
+            _EXECUTION.c.lease_expires_at < sa.bindparam("b_now"),
+        ),
+    )
+    .values(
+        lease_owner=sa.bindparam("b_owner"),
+        lease_expires_at=sa.bindparam("b_expires"),
+        attempts=_EXECUTION.c.attempts + 1,
+        status=sa.bindparam("b_running", type_=_STATUS),
+        started_at=sa.func.coalesce(_EXECUTION.c.started_at, sa.bindparam("b_now")),
+    )
+    .returning(
+        _EXECUTION.c.id,
+        _EXECUTION.c.user_id,
+        _EXECUTION.c.workflow_id,
+        _EXECUTION.c.workflow_version_id,
+        _EXECUTION.c.attempts,
+        _EXECUTION.c.started_at,
+        _EXECUTION.c.cancel_requested,
+    )
+)
 _RENEW_LEASE = (
     sa.update(_EXECUTION)
     .where(

@@ -202,6 +202,27 @@ class _RunConnection:
             raise
         finally:
             session.close()
+            self._driver_idle()
+
+    def claim(
+        self, session: Session, execution_id: uuid.UUID, owner: str, lease: float
+    ) -> execution_crud.Claimed | None:
+        """The claim, the transaction's first statement; on psycopg with its BEGIN in one
+        round trip (see :meth:`_fence`)."""
+        if not self.batches:
+            return execution_crud.claim_execution(
+                session=session, execution_id=execution_id, owner=owner, lease_seconds=lease
+            )
+        conn = session.connection()
+        driver = conn.connection.driver_connection
+        with driver_errors(conn):
+            driver.autocommit = True  # back to the driver's own BEGIN when it ends
+            with driver.pipeline():
+                send_command(conn, "BEGIN")
+                answer = execution_crud.send_claim(
+                    connection=conn, execution_id=execution_id, owner=owner, lease_seconds=lease
+                )
+            return answer()
 
     @contextlib.contextmanager
     def fenced(
@@ -318,7 +339,7 @@ def _fail_quietly(engine: Engine, execution_id: uuid.UUID, owner: str, error: st
         return False
 
 
-def _abandon(s: Session, execution: WorkflowExecution, error: str) -> None:
+def _abandon(s: Session, execution: WorkflowExecution | execution_crud.Claimed, error: str) -> None:
     """End a run that cannot go on: phases left running were charged but never finished
     (the worker died in them), so they fail and are refunded per the policy."""
     refund = get_settings().REFUND_FAILED_PHASES
@@ -379,20 +400,18 @@ def _claim(
     with db.unit() as s:
         # One statement on the common path: the lease taken, the execution marked running
         # and its row read back. Why it was not taken is read only when it was not.
-        execution = execution_crud.claim_execution(
-            session=s, execution_id=execution_id, owner=owner, lease_seconds=lease
-        )
+        execution = db.claim(s, execution_id, owner, lease)
         if execution is None:
-            execution = s.get(WorkflowExecution, execution_id)
-            if execution is None:
+            row = s.get(WorkflowExecution, execution_id)
+            if row is None:
                 return RunResult(Outcome.MISSING, error="no such execution")
-            if execution.status.is_terminal:
+            if row.status.is_terminal:
                 return RunResult(Outcome.ALREADY_DONE)
             remaining = lease
-            if execution.lease_expires_at is not None:
-                remaining = max(0.5, (execution.lease_expires_at - utcnow()).total_seconds())
-            if execution.started_at is not None:
-                elapsed = (utcnow() - execution.started_at).total_seconds()
+            if row.lease_expires_at is not None:
+                remaining = max(0.5, (row.lease_expires_at - utcnow()).total_seconds())
+            if row.started_at is not None:
+                elapsed = (utcnow() - row.started_at).total_seconds()
                 if elapsed > get_settings().EXECUTION_MAX_TOTAL_SECONDS + 2 * lease:
                     # Past every run's bound: do not come back (see _exhausted).
                     remaining = 0.0
@@ -465,7 +484,7 @@ def _claim(
         return state
 
 
-def _exhausted(execution: WorkflowExecution, settings: Any) -> str | None:
+def _exhausted(execution: execution_crud.Claimed, settings: Any) -> str | None:
     """Why a run must not be tried again (attempts or total time used up), or None.
 
     ``attempts`` counts lease acquisitions: each delivery that took the execution. More
