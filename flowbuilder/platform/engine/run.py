@@ -317,9 +317,19 @@ class _RunConnection:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # an invalidated connection: nothing to do
-                conn.close()
+        if conn is None:
+            return
+        if self.batches:
+            # Never hand a connection still in autocommit mode back to the pool: whoever
+            # took it next would commit every statement on its own.
+            self._conn = conn
+            self._driver_idle()
+            self._conn = None
+            with contextlib.suppress(Exception):
+                if not conn.invalidated and conn.connection.driver_connection.autocommit:
+                    conn.invalidate()
+        with contextlib.suppress(Exception):  # an invalidated connection: nothing to do
+            conn.close()
 
 
 def _fail_quietly(engine: Engine, execution_id: uuid.UUID, owner: str, error: str) -> bool:

@@ -282,14 +282,19 @@ def test_data_error_at_write_fails_the_run_not_retried(engine, session: Session,
     real_fence = run_module._RunConnection._fence
 
     def fence(self, session, state, writes):
-        driver = session.connection().connection.driver_connection
-        modes.append(getattr(driver, "autocommit", False))
+        connection = session.connection()
+        if connection.dialect.driver == "psycopg":
+            modes.append(connection.connection.driver_connection.autocommit)
         return real_fence(self, session, state, writes)
 
     monkeypatch.setattr(run_module._RunConnection, "_fence", fence)
     result = run_execution(ex.id)  # no TransientError: not an infrastructure retry
     assert result.outcome == Outcome.FAILED
-    assert modes and not any(modes), modes
+    assert not any(modes), modes
+    if engine.dialect.driver == "psycopg":
+        assert modes
+        with engine.connect() as conn:  # the run's connection, back in the pool
+            assert not conn.connection.driver_connection.autocommit
     ex = _reload(session, ex.id)
     assert ex.status == ExecutionStatus.FAILED
     assert "could not be stored" in ex.error and "unsupported Unicode escape" in ex.error
