@@ -170,10 +170,12 @@ class _RunConnection:
     run_execution, which maps it to TransientError (the run resumes from its last commit).
 
     On psycopg, statements that the run does not wait for are sent in batches (pipeline
-    mode), one round trip each: the fence with the previous phase's results (the fence is
-    still the transaction's first statement, so the writes after it commit only if it
-    held), and the phase-start writes with the COMMIT. A phase's transaction is then three
-    round trips (fence and results, debit, start and COMMIT) instead of six.
+    mode), one round trip each: BEGIN and the fence with the previous phase's results and
+    the next phase's debit (the fence is still the transaction's first statement, so the
+    writes after it commit only if it held), and the phase-start writes with the COMMIT.
+    A phase's transaction is then two round trips instead of six (see :func:`_step`). The
+    driver is in autocommit mode from such a batch's BEGIN to its transaction's end (so
+    that it sends no BEGIN of its own), and never goes back to the pool that way.
     """
 
     def __init__(self, engine: Engine) -> None:
