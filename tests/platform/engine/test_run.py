@@ -633,24 +633,7 @@ def test_constant_database_cost_per_phase(engine, session: Session) -> None:
 def test_credential_deleted_after_enqueue_fails_cleanly(engine, session: Session) -> None:
     from flowbuilder.platform.crud import credentials_crud
 
-    user = make_user(session, credits=10)
-    cred = credentials_crud.create_credential(
-        session=session, user_id=user.id, name="api", type="bearer_token", secret_value="tok-123456"
-    )
-    definition = {
-        "version": 1,
-        "nodes": [
-            {
-                "id": "call",
-                "type": "http_request",
-                "inputs": {"url": "http://example.invalid/x"},
-                "credential_id": str(cred.id),
-            }
-        ],
-        "edges": [],
-    }
-    wf = make_workflow(session, user, definition=definition, publish=True)
-    session.commit()
+    user, cred, wf = _credential_workflow(session)
     ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
     session.commit()
     credentials_crud.delete_credential(session=session, credential_id=cred.id, user_id=user.id)
