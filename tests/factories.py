@@ -45,6 +45,22 @@ def json_definition(steps: int = 2) -> dict[str, Any]:
     return {"version": 1, "nodes": nodes, "edges": edges}
 
 
+def credential_definition(credential_id: Any) -> dict[str, Any]:
+    """One http_request node that names ``credential_id`` (its URL is never reached)."""
+    return {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "call",
+                "type": "http_request",
+                "inputs": {"url": "http://example.invalid/x"},
+                "credential_id": str(credential_id),
+            }
+        ],
+        "edges": [],
+    }
+
+
 def make_workflow(
     session: Session,
     user: User,

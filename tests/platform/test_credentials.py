@@ -318,25 +318,14 @@ def test_a_run_whose_credential_ciphertext_was_moved_fails_cleanly(
     from flowbuilder.platform import engine as runner
     from flowbuilder.platform.crud import balance_crud
     from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution
-    from tests.factories import make_workflow
+    from tests.factories import credential_definition, make_workflow
 
     alice, bob = make_user(session, credits=10), make_user(session)
     mine = _create(session, alice.id)
     theirs = credentials_crud.create_credential(
         session=session, user_id=bob.id, name="b", type="bearer_token", secret_value="bob-tok-9f"
     )
-    definition = {
-        "version": 1,
-        "nodes": [
-            {
-                "id": "call",
-                "type": "http_request",
-                "inputs": {"url": "http://example.invalid/x"},
-                "credential_id": str(mine.id),
-            }
-        ],
-        "edges": [],
-    }
+    definition = credential_definition(mine.id)
     workflow = make_workflow(session, alice, definition=definition, publish=True)
     session.commit()
     alice_row = session.get(DatabaseSecret, uuid.UUID(mine.secret_ref[3:]))

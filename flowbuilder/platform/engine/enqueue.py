@@ -147,15 +147,16 @@ def prepare_execution(
             raise NotFound("workflow", workflow_id)
         status, published_version, version_id, is_guest, available, guest_alive = row
         limit = enqueue_limit(settings, is_guest=is_guest)
+        check_count = functools.partial(
+            rate_limit_crud.check_count,
+            key=key,
+            limit=limit,
+            window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
+            now=now,
+        )
         if count is not None and expected is not None:
             # Every check held and the rows are written, unless past the rate limit.
-            rate_limit_crud.check_count(
-                key=key,
-                count=count,
-                limit=limit,
-                window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
-                now=now,
-            )
+            check_count(count=count)
             version = expected[1]
         else:
             status = WorkflowStatus(status)
@@ -185,7 +186,9 @@ def prepare_execution(
                 raise InsufficientCredits(user_id, version.plan.total_credits, available)
             execution.workflow_version_id = version_id
             if postgres:
-                _write_postgres(connection, execution, version, key, limit, settings, now)
+                check_count(
+                    count=_write_postgres(connection, execution, version, key, limit, settings, now)
+                )
             else:
                 hit()
                 connection.execute(_INSERT_EXECUTION, _execution_row(execution))
@@ -397,17 +400,11 @@ def _write_postgres(
     limit: int,
     settings: Settings,
     now: datetime,
-) -> None:
+) -> int:
+    """The hit, the execution and its phases (these only within the limit): the count."""
     params = _write_params(execution, version, key, settings, now)
     params["limit"] = limit
-    count = connection.exec_driver_sql(_WRITE_POSTGRES, params).scalar_one()
-    rate_limit_crud.check_count(
-        key=key,
-        count=count,
-        limit=limit,
-        window_seconds=settings.RATE_LIMIT_WINDOW_SECONDS,
-        now=now,
-    )
+    return connection.exec_driver_sql(_WRITE_POSTGRES, params).scalar_one()
 
 
 def _execution_row(execution: WorkflowExecution) -> dict[str, Any]:

@@ -170,18 +170,22 @@ def test_bad_correlation_id_refused(engine, session: Session) -> None:
         session.rollback()
 
 
+def _expire_guest_session(session: Session, user_id: Any) -> None:
+    session.execute(
+        sa.update(GuestSession)
+        .where(GuestSession.user_id == user_id)
+        .values(expires_at=utcnow() - timedelta(seconds=1))
+    )
+    session.commit()
+
+
 def test_expired_guest_cannot_enqueue(engine, session: Session) -> None:
     guest = make_user(session, guest=True, credits=100)
     wf = make_workflow(session, guest, definition=json_definition(1), publish=True)
     session.commit()
     prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)  # still valid
     session.commit()
-    session.execute(
-        sa.update(GuestSession)
-        .where(GuestSession.user_id == guest.id)
-        .values(expires_at=utcnow() - timedelta(seconds=1))
-    )
-    session.commit()
+    _expire_guest_session(session, guest.id)
     with pytest.raises(Conflict, match="guest session has expired"):
         prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)
     session.rollback()
@@ -390,12 +394,7 @@ def test_refusals_count_a_rate_limit_hit_as_before(engine, session: Session) -> 
         assert count() == 2  # counted, as the step-by-step checks always did ...
         session.rollback()
         assert count() == 1  # ... and undone with the transaction
-        session.execute(
-            sa.update(GuestSession)
-            .where(GuestSession.user_id == guest.id)
-            .values(expires_at=utcnow() - timedelta(seconds=1))
-        )
-        session.commit()
+        _expire_guest_session(session, guest.id)
         with pytest.raises(Conflict, match="guest session has expired"):
             prepare_execution(session=session, workflow_id=wf.id, user_id=guest.id)
         assert count() == 1

@@ -41,7 +41,7 @@ from flowbuilder.platform.models import (
 from flowbuilder.platform.nodes import get_node_type, register_node_type, unregister_node_type
 from flowbuilder.platform.nodes.base import NodeError, NodeType, PortSpec
 from flowbuilder.platform.settings import override_settings
-from tests.factories import json_definition, make_user, make_workflow
+from tests.factories import credential_definition, json_definition, make_user, make_workflow
 
 # ----------------------------------------------------------------------------- test nodes
 
@@ -279,18 +279,7 @@ def _credential_workflow(session: Session, credits: int = 10):
     cred = credentials_crud.create_credential(
         session=session, user_id=user.id, name="api", type="bearer_token", secret_value="tok-123456"
     )
-    definition = {
-        "version": 1,
-        "nodes": [
-            {
-                "id": "call",
-                "type": "http_request",
-                "inputs": {"url": "http://example.invalid/x"},
-                "credential_id": str(cred.id),
-            }
-        ],
-        "edges": [],
-    }
+    definition = credential_definition(cred.id)
     wf = make_workflow(session, user, definition=definition, publish=True)
     session.commit()
     return user, cred, wf
