@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel
 
 from flowbuilder.platform import db, migrate, models
 from flowbuilder.platform.settings import override_settings
@@ -200,6 +200,78 @@ def test_phase_inputs_and_outputs_are_compressed_with_lz4(fresh_pg_url: str) -> 
 def test_the_compression_migration_is_a_no_op_on_sqlite(fresh_sqlite_url: str) -> None:
     migrate.upgrade("beat_0001", database_url=fresh_sqlite_url)
     migrate.upgrade(database_url=fresh_sqlite_url)
-    assert _version(fresh_sqlite_url) == ["perf_0001"]
+    assert _version(fresh_sqlite_url) == [_head()]
     migrate.downgrade("beat_0001", database_url=fresh_sqlite_url)
     assert _version(fresh_sqlite_url) == ["beat_0001"]
+
+
+def _phase_json_types(url: str) -> dict[str, str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_name = 'execution_phase' AND column_name IN ('inputs', 'outputs')"
+            )
+            return {name: kind for name, kind in rows}
+    finally:
+        engine.dispose()
+
+
+def test_phase_inputs_and_outputs_are_json_text_and_survive_the_type_change(
+    fresh_pg_url: str,
+) -> None:
+    """perf_0002 (PostgreSQL): ``json``, kept as sent (key order), several times cheaper
+    to write than ``jsonb``; down and up again keep every stored document."""
+    from tests.factories import json_definition, make_user, make_workflow
+
+    migrate.upgrade("perf_0001", database_url=fresh_pg_url)
+    assert _phase_json_types(fresh_pg_url) == {"inputs": "jsonb", "outputs": "jsonb"}
+    engine = db.make_engine(fresh_pg_url)
+    try:
+        with Session(engine) as session:
+            user = make_user(session)
+            workflow = make_workflow(session, user, definition=json_definition(1))
+            execution = models.WorkflowExecution(workflow_id=workflow.id, user_id=user.id)
+            session.add(execution)
+            session.flush()
+            session.add(
+                models.ExecutionPhase(
+                    execution_id=execution.id,
+                    user_id=user.id,
+                    number=1,
+                    node_id="n1",
+                    node_type="add_property_to_json",
+                    inputs={"z": 1, "a": [1, {"y": None}]},
+                    outputs={"z": "last", "a": "first"},
+                )
+            )
+            session.commit()
+        migrate.upgrade(database_url=fresh_pg_url)
+        assert _phase_json_types(fresh_pg_url) == {"inputs": "json", "outputs": "json"}
+        assert _phase_json_compression(fresh_pg_url) == {"inputs": "l", "outputs": "l"}
+        with engine.connect() as conn:
+            conn.exec_driver_sql(
+                "UPDATE execution_phase SET outputs = '{\"z\": \"last\", \"a\": 1}'::json"
+            )
+            conn.commit()
+            # As sent: z before a (jsonb would have sorted the keys).
+            assert conn.exec_driver_sql("SELECT outputs::text FROM execution_phase").scalar() == (
+                '{"z": "last", "a": 1}'
+            )
+        migrate.downgrade("perf_0001", database_url=fresh_pg_url)
+        assert _phase_json_types(fresh_pg_url) == {"inputs": "jsonb", "outputs": "jsonb"}
+        migrate.upgrade(database_url=fresh_pg_url)
+        with engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT inputs, outputs FROM execution_phase").one()
+        assert row == ({"z": 1, "a": [1, {"y": None}]}, {"z": "last", "a": 1})
+    finally:
+        engine.dispose()
+    # create_all (tests, benchmarks) matches the migrations.
+    with db.temporary_database(PG_ADMIN_URL, "flowbuilder_create_all") as url:
+        engine = sa.create_engine(url)
+        try:
+            SQLModel.metadata.create_all(engine)
+        finally:
+            engine.dispose()
+        assert _phase_json_types(url) == {"inputs": "json", "outputs": "json"}
