@@ -168,6 +168,7 @@ def _invoke(
                 result.outputs,
                 max_bytes=settings.PHASE_OUTPUT_MAX_BYTES,
                 max_depth=settings.PHASE_OUTPUT_MAX_DEPTH,
+                inputs=inputs,
             )
         except Unstorable as exc:
             result.outputs, result.error = {}, f"its outputs cannot be stored: {exc}"

@@ -102,8 +102,24 @@ def _loads(text: str) -> Any:
         gc.enable()
 
 
+def _passed_on(outputs: dict[Any, Any], parts: dict[str, str] | None, inputs: Any) -> set[str]:
+    """The output keys whose value is one of the node's input values, unchanged: the very
+    object the engine handed in (identity), serialising to the text it came with (the
+    input's part, see :class:`SerialisedJSON`). Those values are storable already (they
+    were made so upstream, or are validated static inputs) and the engine owns them: they
+    are passed on as they are, with no second parse."""
+    if parts is None or type(inputs) is not SerialisedJSON or not inputs.parts:
+        return set()
+    known = {id(value): inputs.parts.get(key) for key, value in inputs.items()}
+    return {
+        key
+        for key, value in outputs.items()
+        if (text := known.get(id(value))) is not None and text == parts[key]
+    }
+
+
 def _plain_copy(
-    outputs: dict[Any, Any], max_depth: int
+    outputs: dict[Any, Any], max_depth: int, inputs: Any = None
 ) -> tuple[dict[str, Any], str, dict[str, str] | None] | None:
     """The fast path for outputs that need no repair (nearly all): serialised and read
     back by the C encoder and decoder, about twice as fast as make_storable's Python pass
@@ -113,21 +129,31 @@ def _plain_copy(
     there, harmlessly), a lone surrogate (not UTF-8), or nesting deeper than
     ``max_depth`` (checked on the text, before anything reads it back). Tuples become
     lists and int, float, bool and None keys their JSON text, as make_storable does.
+    Values the node passes on unchanged from its ``inputs`` are kept, not copied (see
+    :func:`_passed_on`): a run that hands 100 KB along a chain reads nothing back.
     Returns the copy, its text and the text of each value (see :func:`_text_and_parts`).
     """
     try:
         text, parts = _text_and_parts(outputs)
     except (ValueError, TypeError, RecursionError):
         return None
-    if "\\u0000" in text:
+    same = _passed_on(outputs, parts, inputs)
+    rest = text
+    if same:
+        assert parts is not None  # _passed_on finds nothing without them
+        rest = object_text({key: part for key, part in parts.items() if key not in same})
+    if "\\u0000" in rest:
         return None
     try:
-        data = text.encode()
+        data = rest.encode()
     except UnicodeEncodeError:
         return None
     if _too_deep(data, max_depth):
         return None
-    return _loads(text), text, parts
+    if not same:
+        return _loads(text), text, parts
+    fresh = _loads(rest)
+    return {key: outputs[key] if key in same else fresh[key] for key in outputs}, text, parts
 
 
 def _size(value: Any) -> int:
@@ -143,13 +169,15 @@ def storable_outputs(outputs: Any, *, max_bytes: int, max_depth: int) -> dict[st
 
 
 def storable_outputs_text(
-    outputs: Any, *, max_bytes: int, max_depth: int
+    outputs: Any, *, max_bytes: int, max_depth: int, inputs: Any = None
 ) -> tuple[dict[str, Any], str]:
     """:func:`storable_outputs` and its JSON text (what the database stores). The copy is
-    a :class:`SerialisedJSON` carrying that text (and its values' texts when known)."""
+    a :class:`SerialisedJSON` carrying that text (and its values' texts when known).
+    ``inputs``: what the node was called with (the engine's SerialisedJSON), whose values
+    it may pass on unchanged."""
     if not isinstance(outputs, dict):
         raise Unstorable("", f"outputs must be an object, not {type(outputs).__name__}")
-    fast = _plain_copy(outputs, max_depth)
+    fast = _plain_copy(outputs, max_depth, inputs)
     if fast is not None:
         clean, text, parts = fast
     else:

@@ -326,3 +326,63 @@ def test_stored_outputs_read_back_as_the_copy(engine: sa.Engine) -> None:
                 )
     finally:
         table.drop(engine)
+
+
+def _inputs(**values: Any) -> SerialisedJSON:
+    from flowbuilder.platform.jsonvalues import serialised_object
+
+    parts = {
+        key: json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        for key, value in values.items()
+    }
+    return serialised_object(values, parts)
+
+
+def test_a_value_passed_on_unchanged_is_kept_not_read_back() -> None:
+    data = {"items": [{"id": i, "name": f"é{i}"} for i in range(50)]}
+    inputs = _inputs(data=data, seconds=0)
+    clean, text = storable_outputs_text(
+        {"data": inputs["data"], "extra": [1, 2]}, max_bytes=100_000, max_depth=10, inputs=inputs
+    )
+    assert clean["data"] is data  # passed on: no second parse
+    assert clean == {"data": data, "extra": [1, 2]} and list(clean) == ["data", "extra"]
+    assert json.loads(text) == clean and clean.parts["data"] == inputs.parts["data"]
+    # What the node made itself is still a copy, read back from the text.
+    made = [1, 2]
+    clean, _ = storable_outputs_text({"x": made}, max_bytes=1000, max_depth=10, inputs=inputs)
+    assert clean["x"] == made and clean["x"] is not made
+
+
+def test_a_value_changed_in_place_is_not_passed_on_as_it_came() -> None:
+    data = {"items": [1, 2, 3]}
+    inputs = _inputs(data=data)
+    data["items"].append(4)  # the node mutates its input, then returns it
+    clean, text = storable_outputs_text({"data": data}, max_bytes=1000, max_depth=10, inputs=inputs)
+    assert clean == {"data": {"items": [1, 2, 3, 4]}} and clean["data"] is not data
+    assert json.loads(text) == clean
+    # An equal object that is not the one handed in is copied too.
+    inputs = _inputs(data={"a": 1})
+    other = {"a": 1}
+    clean, _ = storable_outputs_text({"data": other}, max_bytes=1000, max_depth=10, inputs=inputs)
+    assert clean["data"] == other and clean["data"] is not other
+
+
+def test_what_is_passed_on_beside_bad_values_is_still_checked() -> None:
+    inputs = _inputs(data={"ok": True})
+    # A new value needing repair beside a passed-on one: the repair still happens.
+    clean, text = storable_outputs_text(
+        {"data": inputs["data"], "bad": "x\x00", "nan": math.nan},
+        max_bytes=1000,
+        max_depth=10,
+        inputs=inputs,
+    )
+    assert clean == {"data": {"ok": True}, "bad": "x\ufffd", "nan": None}
+    assert json.loads(text) == clean
+    # And too deep is still refused.
+    deep: Any = 1
+    for _ in range(20):
+        deep = [deep]
+    with pytest.raises(Unstorable):
+        storable_outputs_text(
+            {"data": inputs["data"], "deep": deep}, max_bytes=10_000, max_depth=10, inputs=inputs
+        )
