@@ -95,6 +95,30 @@ def send_returning(connection: Connection, statement: Any, params: dict[str, Any
     return cursor
 
 
+def send_statement(connection: Connection, statement: Any, params: dict[str, Any]) -> None:
+    """Queue ``statement`` (built once) in the batch being built, its result unread: on the
+    driver's cursor like :func:`send_returning` (SQLAlchemy's own execute costs several
+    times more in Python), or through SQLAlchemy when it has an expanding parameter (an
+    IN list), which that cursor cannot carry. Run it under :func:`driver_errors`."""
+    key = (id(statement), connection.dialect.name, tuple(params))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = statement.compile(
+            dialect=connection.dialect, column_keys=list(params)
+        )
+    if compiled.post_compile_params:
+        connection.execute(statement, params)
+    else:
+        send_returning(connection, statement, params)
+
+
+def in_batch(connection: Connection) -> bool:
+    """Whether a batch is being built on ``connection`` (psycopg's pipeline mode is on)."""
+    if not pipelines(connection):
+        return False
+    return bool(connection.connection.driver_connection.pgconn.pipeline_status)
+
+
 def send_command(connection: Connection, command: str) -> None:
     """A statement without parameters or result (BEGIN, COMMIT) on the driver's cursor."""
     _execute(connection, connection.connection.driver_connection.cursor(), command, None)

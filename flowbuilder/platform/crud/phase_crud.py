@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, select
 
+from flowbuilder.platform.crud._sql import in_batch, send_statement
 from flowbuilder.platform.errors import InvalidTransition, NotFound
 from flowbuilder.platform.models import (
     ExecutionPhase,
@@ -185,7 +186,11 @@ def record_phase(
     values = _phase_changes(phase, status, inputs, outputs, error, credits_charged, now)
     params = {"b_phase_id": phase.id, **values}
     if deferred is None:
-        session.connection().execute(_UPDATE_PHASE, params)
+        connection = session.connection()
+        if in_batch(connection):  # the engine's batch: queued on the driver's cursor
+            send_statement(connection, _UPDATE_PHASE, params)
+        else:
+            connection.execute(_UPDATE_PHASE, params)
     else:
         deferred.append((_UPDATE_PHASE, params))
     for key, value in values.items():

@@ -46,7 +46,7 @@ from flowbuilder.platform.crud import (
     log_crud,
     phase_crud,
 )
-from flowbuilder.platform.crud._sql import driver_errors, send_command
+from flowbuilder.platform.crud._sql import driver_errors, send_command, send_statement
 from flowbuilder.platform.db import get_engine, unit_of_work
 from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
@@ -307,7 +307,7 @@ class _RunConnection:
             driver = conn.connection.driver_connection
             with driver_errors(conn), driver.pipeline():
                 for statement, params in deferred:
-                    conn.execute(statement, params)
+                    send_statement(conn, statement, params)
                 # The COMMIT in the same batch (the batch's Sync ends it, one round
                 # trip). The session's own commit then finds the driver idle: psycopg
                 # sends nothing more.
