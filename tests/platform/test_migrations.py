@@ -252,7 +252,7 @@ def test_phase_inputs_and_outputs_are_json_text_and_survive_the_type_change(
         assert _phase_json_compression(fresh_pg_url) == {"inputs": "l", "outputs": "l"}
         with engine.connect() as conn:
             conn.exec_driver_sql(
-                "UPDATE execution_phase SET outputs = '{\"z\": \"last\", \"a\": 1}'::json"
+                'UPDATE execution_phase SET outputs = \'{"z": "last", "a": 1}\'::json'
             )
             conn.commit()
             # As sent: z before a (jsonb would have sorted the keys).

@@ -169,6 +169,7 @@ def _invoke(
                 max_bytes=settings.PHASE_OUTPUT_MAX_BYTES,
                 max_depth=settings.PHASE_OUTPUT_MAX_DEPTH,
                 inputs=inputs,
+                keeps_inputs=node_type.keeps_inputs,
             )
         except Unstorable as exc:
             result.outputs, result.error = {}, f"its outputs cannot be stored: {exc}"

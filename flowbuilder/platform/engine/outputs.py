@@ -51,14 +51,24 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
 
 
-def _text_and_parts(outputs: dict[Any, Any]) -> tuple[str, dict[str, str] | None]:
+def _text_and_parts(
+    outputs: dict[Any, Any], known: dict[str, str] | None = None
+) -> tuple[str, dict[str, str] | None]:
     """The compact JSON text of ``outputs`` and, when its keys are all plain strings (and
-    not too many), the text of each value as it appears in it. Raises what json.dumps
-    raises (ValueError for NaN, TypeError for an object, RecursionError)."""
-    if len(outputs) <= _MAX_PARTS and all(type(key) is str for key in outputs):
-        parts = {key: _dumps(value) for key, value in outputs.items()}
+    not too many), the text of each value as it appears in it; ``known`` gives the text
+    of some values already (not serialised again). Raises what json.dumps raises
+    (ValueError for NaN, TypeError for an object, RecursionError)."""
+    if _has_parts(outputs):
+        known = known or {}
+        parts = {
+            key: known[key] if key in known else _dumps(value) for key, value in outputs.items()
+        }
         return object_text(parts), parts
     return _dumps(outputs), None
+
+
+def _has_parts(outputs: dict[Any, Any]) -> bool:
+    return len(outputs) <= _MAX_PARTS and all(type(key) is str for key in outputs)
 
 
 def _too_deep(data: bytes, max_depth: int) -> bool:
@@ -102,24 +112,21 @@ def _loads(text: str) -> Any:
         gc.enable()
 
 
-def _passed_on(outputs: dict[Any, Any], parts: dict[str, str] | None, inputs: Any) -> set[str]:
-    """The output keys whose value is one of the node's input values, unchanged: the very
-    object the engine handed in (identity), serialising to the text it came with (the
-    input's part, see :class:`SerialisedJSON`). Those values are storable already (they
-    were made so upstream, or are validated static inputs) and the engine owns them: they
-    are passed on as they are, with no second parse."""
-    if parts is None or type(inputs) is not SerialisedJSON or not inputs.parts:
-        return set()
+def _handed_in(outputs: dict[Any, Any], inputs: Any) -> dict[str, str]:
+    """The output keys whose value is the very object the engine handed in as one of the
+    node's inputs (identity), with that input's text (its part, see
+    :class:`SerialisedJSON`). Such values are storable already (made so upstream, or
+    validated static inputs), and the engine owns them."""
+    if type(inputs) is not SerialisedJSON or not inputs.parts or not _has_parts(outputs):
+        return {}
     known = {id(value): inputs.parts.get(key) for key, value in inputs.items()}
     return {
-        key
-        for key, value in outputs.items()
-        if (text := known.get(id(value))) is not None and text == parts[key]
+        key: text for key, value in outputs.items() if (text := known.get(id(value))) is not None
     }
 
 
 def _plain_copy(
-    outputs: dict[Any, Any], max_depth: int, inputs: Any = None
+    outputs: dict[Any, Any], max_depth: int, inputs: Any = None, keeps_inputs: bool = False
 ) -> tuple[dict[str, Any], str, dict[str, str] | None] | None:
     """The fast path for outputs that need no repair (nearly all): serialised and read
     back by the C encoder and decoder, about twice as fast as make_storable's Python pass
@@ -129,18 +136,23 @@ def _plain_copy(
     there, harmlessly), a lone surrogate (not UTF-8), or nesting deeper than
     ``max_depth`` (checked on the text, before anything reads it back). Tuples become
     lists and int, float, bool and None keys their JSON text, as make_storable does.
-    Values the node passes on unchanged from its ``inputs`` are kept, not copied (see
-    :func:`_passed_on`): a run that hands 100 KB along a chain reads nothing back.
-    Returns the copy, its text and the text of each value (see :func:`_text_and_parts`).
+
+    A value the node passes on from its ``inputs`` unchanged (see :func:`_handed_in`) is
+    kept, not read back: a run that hands 100 KB along a chain parses nothing again.
+    Unchanged means serialising to the text it came with; a node type that never changes
+    its inputs in place (``keeps_inputs``: the built-in delay) is taken at its word, and
+    the value is not even serialised again. Returns the copy, its text and the text of
+    each value (see :func:`_text_and_parts`).
     """
+    handed = _handed_in(outputs, inputs)
     try:
-        text, parts = _text_and_parts(outputs)
+        text, parts = _text_and_parts(outputs, handed if keeps_inputs else None)
     except (ValueError, TypeError, RecursionError):
         return None
-    same = _passed_on(outputs, parts, inputs)
+    same = {key for key, part in handed.items() if parts is not None and parts[key] == part}
     rest = text
     if same:
-        assert parts is not None  # _passed_on finds nothing without them
+        assert parts is not None  # _handed_in finds nothing without them
         rest = object_text({key: part for key, part in parts.items() if key not in same})
     if "\\u0000" in rest:
         return None
@@ -169,15 +181,21 @@ def storable_outputs(outputs: Any, *, max_bytes: int, max_depth: int) -> dict[st
 
 
 def storable_outputs_text(
-    outputs: Any, *, max_bytes: int, max_depth: int, inputs: Any = None
+    outputs: Any,
+    *,
+    max_bytes: int,
+    max_depth: int,
+    inputs: Any = None,
+    keeps_inputs: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """:func:`storable_outputs` and its JSON text (what the database stores). The copy is
     a :class:`SerialisedJSON` carrying that text (and its values' texts when known).
     ``inputs``: what the node was called with (the engine's SerialisedJSON), whose values
-    it may pass on unchanged."""
+    it may pass on unchanged; ``keeps_inputs``: the node type never changes its inputs in
+    place (see :func:`_plain_copy`)."""
     if not isinstance(outputs, dict):
         raise Unstorable("", f"outputs must be an object, not {type(outputs).__name__}")
-    fast = _plain_copy(outputs, max_depth, inputs)
+    fast = _plain_copy(outputs, max_depth, inputs, keeps_inputs)
     if fast is not None:
         clean, text, parts = fast
     else:

@@ -255,6 +255,11 @@ class NodeType:
     retryable: bool = False
     max_retries: int = 0
     retry_backoff_seconds: float = 1.0
+    # True only for a type whose ``run`` never changes its inputs in place: a value it
+    # passes on as it came is then stored with the text it came with, unchecked (the
+    # engine skips serialising it again). Wrong, the database would keep the old value
+    # while the next node gets the changed one; the default checks.
+    keeps_inputs: bool = False
 
     _FIELDS: ClassVar[tuple[str, ...]] = (
         "type",
@@ -267,6 +272,7 @@ class NodeType:
         "retryable",
         "max_retries",
         "retry_backoff_seconds",
+        "keeps_inputs",
     )
 
     def __init__(

@@ -412,6 +412,7 @@ class DelayNode(NodeType):
     outputs = {"slept_seconds": PortSpec("number"), "data": PortSpec("any")}
     credits = 1
     credential = "none"
+    keeps_inputs = True  # data is passed on untouched
 
     @property  # type: ignore[override]
     def timeout_seconds(self) -> float:

@@ -7,6 +7,7 @@ import enum
 import gc
 import json
 import math
+import time
 from typing import Any
 
 import pytest
@@ -386,3 +387,57 @@ def test_what_is_passed_on_beside_bad_values_is_still_checked() -> None:
         storable_outputs_text(
             {"data": inputs["data"], "deep": deep}, max_bytes=10_000, max_depth=10, inputs=inputs
         )
+
+
+def test_a_type_that_keeps_its_inputs_is_taken_at_its_word(monkeypatch) -> None:
+    from flowbuilder.platform.engine import outputs as outputs_module
+
+    data = {"items": list(range(100))}
+    inputs = _inputs(data=data)
+    dumped: list[Any] = []
+    real = outputs_module._dumps
+
+    def counting(value: Any) -> str:
+        dumped.append(value)
+        return real(value)
+
+    monkeypatch.setattr(outputs_module, "_dumps", counting)
+    clean, text = storable_outputs_text(
+        {"data": data, "n": 1}, max_bytes=10_000, max_depth=10, inputs=inputs, keeps_inputs=True
+    )
+    assert clean["data"] is data and json.loads(text) == {"data": data, "n": 1}
+    assert all(value is not data for value in dumped)  # its text came with it
+    # Without the promise the value is serialised and compared: a change is caught.
+    dumped.clear()
+    data["items"].append("changed")
+    clean, text = storable_outputs_text(
+        {"data": data}, max_bytes=10_000, max_depth=10, inputs=inputs
+    )
+    assert any(value is data for value in dumped)
+    assert clean["data"] is not data and json.loads(text)["data"]["items"][-1] == "changed"
+
+
+def test_only_node_types_that_keep_their_inputs_say_so() -> None:
+    """The promise is checked where it is made: the built-in delay, run on inputs it
+    passes on, leaves them as they were; no other built-in type makes it."""
+    import copy
+
+    from flowbuilder.platform.nodes import get_node_type, node_types
+    from flowbuilder.platform.nodes.base import NodeContext, NodeLogger
+
+    promising = {name for name, node_type in node_types().items() if node_type.keeps_inputs}
+    assert promising == {"delay"}
+    data = {"items": [{"id": 1, "tags": ["a"]}], "nested": {"deep": [1, 2, {"x": None}]}}
+    inputs = {"seconds": 0, "data": data}
+    before = copy.deepcopy(inputs)
+    ctx = NodeContext(
+        execution_id=None,
+        user_id=None,
+        node_id="d",
+        credential=None,
+        log=NodeLogger(),
+        deadline=time.monotonic() + 30,
+        cancelled=lambda: False,
+    )
+    out = get_node_type("delay").invoke(inputs, ctx)
+    assert out["data"] is data and inputs == before
