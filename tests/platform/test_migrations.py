@@ -166,17 +166,30 @@ def test_upgrade_engine_uses_the_given_connection(fresh_pg_url: str) -> None:
     assert _tables(fresh_pg_url) == EXPECTED_TABLES | {"alembic_version"}
 
 
-def _phase_json_compression(url: str) -> dict[str, str]:
+def _phase_json_columns(url: str, query: str) -> dict[str, str]:
+    """``query``'s (column name, fact) rows, for execution_phase's inputs and outputs."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT attname, attcompression FROM pg_attribute "
-                "WHERE attrelid = 'execution_phase'::regclass AND attname IN ('inputs', 'outputs')"
-            )
-            return {name: compression for name, compression in rows}
+            return {name: fact for name, fact in conn.exec_driver_sql(query)}
     finally:
         engine.dispose()
+
+
+def _phase_json_compression(url: str) -> dict[str, str]:
+    return _phase_json_columns(
+        url,
+        "SELECT attname, attcompression FROM pg_attribute "
+        "WHERE attrelid = 'execution_phase'::regclass AND attname IN ('inputs', 'outputs')",
+    )
+
+
+def _phase_json_types(url: str) -> dict[str, str]:
+    return _phase_json_columns(
+        url,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_name = 'execution_phase' AND column_name IN ('inputs', 'outputs')",
+    )
 
 
 def test_phase_inputs_and_outputs_are_compressed_with_lz4(fresh_pg_url: str) -> None:
@@ -203,19 +216,6 @@ def test_the_compression_migration_is_a_no_op_on_sqlite(fresh_sqlite_url: str) -
     assert _version(fresh_sqlite_url) == [_head()]
     migrate.downgrade("beat_0001", database_url=fresh_sqlite_url)
     assert _version(fresh_sqlite_url) == ["beat_0001"]
-
-
-def _phase_json_types(url: str) -> dict[str, str]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT column_name, data_type FROM information_schema.columns "
-                "WHERE table_name = 'execution_phase' AND column_name IN ('inputs', 'outputs')"
-            )
-            return {name: kind for name, kind in rows}
-    finally:
-        engine.dispose()
 
 
 def test_phase_inputs_and_outputs_are_json_text_and_survive_the_type_change(
