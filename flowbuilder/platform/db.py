@@ -126,7 +126,7 @@ def _check_connections_at_checkout(engine: Engine) -> None:
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        if _idle_and_quiet(dbapi_connection):
+        if idle_and_quiet(dbapi_connection):
             return
         try:
             engine.dialect.do_ping(dbapi_connection)
@@ -136,7 +136,7 @@ def _check_connections_at_checkout(engine: Engine) -> None:
             raise sa.exc.DisconnectionError(f"connection check failed: {exc}") from exc
 
 
-def _idle_and_quiet(dbapi_connection: Any) -> bool:
+def idle_and_quiet(dbapi_connection: Any) -> bool:
     """True if this psycopg connection is idle and its socket has nothing to read."""
     try:
         from psycopg import pq

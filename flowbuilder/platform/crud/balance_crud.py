@@ -190,9 +190,7 @@ _LEDGER_COLUMNS = (
 # INSERT records the row from the UPDATE's result. ``debited`` without ``recorded`` means
 # a racing transaction recorded the same key after this statement's snapshot was taken
 # (its commit released the row lock we waited on): the caller undoes the decrement.
-_PG_DEBIT = (
-    sa.text(
-        f"""
+_PG_DEBIT_CTE = f"""
 WITH upd AS (
     UPDATE user_balance SET credits = credits - :amount, updated_at = :now
     WHERE user_id = :user_id AND credits >= :amount
@@ -205,12 +203,25 @@ WITH upd AS (
     FROM upd
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING balance_after
-)
+)"""
+_PG_DEBIT = (
+    sa.text(
+        _PG_DEBIT_CTE
+        + """
 SELECT (SELECT credits FROM upd) AS debited, (SELECT balance_after FROM ins) AS recorded
 """
     )
     .bindparams(*_DEBIT_PARAMS)
     .columns(debited=sa.Integer(), recorded=sa.Integer())
+)
+# The same debit for a transaction sent whole, COMMIT included, before any answer is read
+# (see engine.run): anything but "debited now, and recorded" fails the statement, which
+# aborts the transaction (division by zero, at run time: the count is not a constant the
+# planner could fold). The engine then rolls back and takes the path that reads answers.
+_PG_DEBIT_OR_ABORT = (
+    sa.text(_PG_DEBIT_CTE + "\nSELECT 1 / (SELECT count(*) FROM ins)::int AS debited\n")
+    .bindparams(*_DEBIT_PARAMS)
+    .columns(debited=sa.Integer())
 )
 
 # SQLite has no data-modifying CTE. Its writers are serialised (the engine begins
@@ -338,6 +349,26 @@ def send_debit_once(
         return _debited_now(session, user_id, amount, idempotency_key, recorded)
 
     return finish
+
+
+def send_debit_or_abort(
+    *,
+    connection: Connection,
+    user_id: uuid.UUID,
+    amount: int,
+    idempotency_key: str,
+    execution_id: uuid.UUID | None = None,
+    phase_id: uuid.UUID | None = None,
+    reason: str | None = None,
+) -> None:
+    """:func:`send_debit_once` for a batch that commits without reading answers: the
+    debit happens now and is recorded, or the statement fails and takes the whole
+    transaction with it (the key already debited, the balance short, a racing debit of
+    the same key). Nothing to read back."""
+    _row_id, _now, params, _undo = _debit_params(
+        user_id, amount, idempotency_key, execution_id, phase_id, reason
+    )
+    send_returning(connection, _PG_DEBIT_OR_ABORT, params)
 
 
 def _debit_params(

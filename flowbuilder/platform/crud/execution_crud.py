@@ -343,6 +343,17 @@ def send_renew_lease(
     return lambda: _lease_answer(cursor.fetchone())
 
 
+def send_fence_or_abort(
+    *, connection: Connection, execution_id: uuid.UUID, owner: str, lease_seconds: float
+) -> None:
+    """:func:`send_renew_lease` for a batch that commits without reading answers
+    (PostgreSQL, see engine.run): the lease is renewed, or the statement fails and takes
+    the whole transaction with it (the lease not ours, the run not running, or a cancel
+    requested). Nothing to read back."""
+    params = _renew_params(execution_id, owner, lease_seconds, None)
+    send_returning(connection, _FENCE_OR_ABORT, params)
+
+
 def _renew_params(
     execution_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None
 ) -> dict[str, Any]:
@@ -408,6 +419,24 @@ _CLAIM = (
         _EXECUTION.c.started_at,
         _EXECUTION.c.cancel_requested,
     )
+)
+# The fence of a transaction sent whole (see send_fence_or_abort): _RENEW_LEASE, and a
+# division by zero, at run time (a count, not a constant the planner could fold), unless
+# it renewed the lease of a run nobody asked to cancel.
+_FENCE_OR_ABORT = sa.text(
+    """
+WITH renewed AS (
+    UPDATE workflow_execution SET lease_expires_at = :lease_expires_at
+    WHERE id = :b_id AND lease_owner = :b_owner AND status = :b_running
+    RETURNING cancel_requested
+)
+SELECT 1 / (SELECT count(*) FROM renewed WHERE NOT cancel_requested)::int AS held
+"""
+).bindparams(
+    sa.bindparam("b_id", type_=_EXECUTION.c.id.type),
+    sa.bindparam("b_owner", type_=_EXECUTION.c.lease_owner.type),
+    sa.bindparam("b_running", type_=_EXECUTION.c.status.type),
+    sa.bindparam("lease_expires_at", type_=_EXECUTION.c.lease_expires_at.type),
 )
 _RENEW_LEASE = (
     sa.update(_EXECUTION)

@@ -47,7 +47,7 @@ from flowbuilder.platform.crud import (
     phase_crud,
 )
 from flowbuilder.platform.crud._sql import driver_errors, send_command, send_statement
-from flowbuilder.platform.db import get_engine, unit_of_work
+from flowbuilder.platform.db import get_engine, idle_and_quiet, unit_of_work
 from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
 from flowbuilder.platform.engine.state import Outcome, RunResult, RunState, is_time_limit
@@ -173,9 +173,11 @@ class _RunConnection:
     mode), one round trip each: BEGIN and the fence with the previous phase's results and
     the next phase's debit (the fence is still the transaction's first statement, so the
     writes after it commit only if it held), and the phase-start writes with the COMMIT.
-    A phase's transaction is then two round trips instead of six (see :func:`_step`). The
-    driver is in autocommit mode from such a batch's BEGIN to its transaction's end (so
-    that it sends no BEGIN of its own), and never goes back to the pool that way.
+    On the common path the two go as one, COMMIT included (:meth:`sent_whole`): the fence
+    and the debit then refuse by failing, which aborts the transaction. A phase's
+    transaction is one round trip instead of six (see :func:`_step`). The driver is in
+    autocommit mode from such a batch's BEGIN to its transaction's end (so that it sends
+    no BEGIN of its own), and never goes back to the pool that way.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -258,6 +260,63 @@ class _RunConnection:
         try:
             yield session, held, cancel, written
             self._commit(session)
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            self.deferred = []
+            session.close()
+            self._driver_idle()
+
+    def can_send_whole(self) -> bool:
+        """Whether a transaction may go in one round trip, COMMIT included (see
+        :meth:`sent_whole`): batches, and a held connection that is idle with nothing to
+        read. One the server ended while idle says so on its socket; it goes the
+        :meth:`fenced` way, which replaces it before anything is written."""
+        if not self.batches:
+            return False
+        conn = self._connection()
+        return idle_and_quiet(conn.connection.driver_connection)
+
+    @contextlib.contextmanager
+    def sent_whole(
+        self, state: RunState, writes: Callable[[Session], Any]
+    ) -> Iterator[tuple[Session, bool, bool, Any]]:
+        """:meth:`fenced` in one round trip: BEGIN, the fence, ``writes``, what the body
+        queues, the COMMIT, all sent before any answer is read. Only for a body that reads
+        nothing (see :func:`_step`). The fence and the debit sent this way fail their
+        statement unless they succeed outright (the lease renewed, no cancel requested;
+        the debit made now), and a failed statement aborts the transaction: nothing of it
+        commits. That raises :class:`_Unspeculate` once rolled back, and the step is made
+        again the way that reads answers and says why. A connection lost on the way leaves
+        the commit unknown: the error goes to run_execution (TransientError), and the run
+        resumes from what the database holds, as after a commit lost today."""
+        self.deferred = []
+        session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
+        try:
+            conn = session.connection()
+            driver = conn.connection.driver_connection
+            try:
+                with driver_errors(conn):
+                    driver.autocommit = True  # back to the driver's own BEGIN at the end
+                    with driver.pipeline():
+                        send_command(conn, "BEGIN")
+                        execution_crud.send_fence_or_abort(
+                            connection=conn,
+                            execution_id=state.execution_id,
+                            owner=state.owner,
+                            lease_seconds=state.lease,
+                        )
+                        written = writes(session)
+                        yield session, True, False, written
+                        for statement, params in self.deferred:
+                            send_statement(conn, statement, params)
+                        send_command(conn, "COMMIT")
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) == _REFUSED:
+                    raise _Unspeculate from exc
+                raise
+            session.commit()  # the driver is idle: psycopg sends nothing
         except BaseException:
             session.rollback()
             raise
@@ -583,7 +642,15 @@ def _run_phases(
 
 
 class _Unspeculate(Exception):
-    """The next phase's debit went with the fence, but the phase must not start."""
+    """The next phase's debit went with the fence, but the phase must not start; or a
+    transaction sent whole was refused by its fence or its debit (see
+    :meth:`_RunConnection.sent_whole`)."""
+
+
+# What the statements of a transaction sent whole fail with when they refuse (a division
+# by zero, see execution_crud.send_fence_or_abort and balance_crud.send_debit_or_abort);
+# nothing else the engine sends computes anything that could divide by zero.
+_REFUSED = "22012"
 
 
 def _step(
@@ -599,11 +666,14 @@ def _step(
 ) -> _GroupRun | RunResult:
     """One transaction: record ``previous``, start ``group`` (or end the run).
 
-    On psycopg the common case is two round trips. A phase whose nodes all produced a
+    On psycopg the common case is one round trip. A phase whose nodes all produced a
     result is recorded with writes only (the logs, the results): they travel with the
     fence. When the next phase is one node without a credential, its debit travels there
-    too: its answer comes back with the fence's. If the fence then says the phase must
-    not start (the run was cancelled or is out of time), the whole transaction is rolled
+    too, and so do its start and the COMMIT (or, after the last phase, the run's end and
+    the COMMIT): the transaction is sent whole, and its fence and debit fail it unless
+    they succeed outright. Otherwise, or when that transaction is refused, the fence's
+    answer is read first (two round trips). If the fence then says the phase must not
+    start (the run was cancelled or is out of time), the whole transaction is rolled
     back, the debit with it, and the step is made again without it. One that failed also
     refunds and may end the run, which reads results: recorded after the fence."""
     succeeded = (
@@ -622,6 +692,15 @@ def _step(
         and group[0].credits_cost > 0
     ):
         ahead = group[0]
+    # The whole transaction in one round trip when its body reads nothing: the run's end
+    # after a phase that succeeded, or the start of a phase whose debit goes ahead.
+    whole = (
+        speculate
+        and (ahead is not None or (group is None and succeeded))
+        and not heartbeat.cancelled.is_set()
+        and state.deadline - time.monotonic() > 0
+        and db.can_send_whole()
+    )
     writes = undo = None
     if succeeded or ahead is not None:
         run = previous if succeeded else None
@@ -629,13 +708,28 @@ def _step(
         def writes(s: Session) -> Any:
             if run is not None:
                 _record_group(s, state, run, settings)
-            return _send_debit_ahead(s, state, ahead) if ahead is not None else None
+            if ahead is None:
+                return None
+            sent = _send_debit_ahead(s, state, ahead, or_abort=whole)
+            if sent is None and whole:
+                raise _Unspeculate  # its inputs do not resolve: the common path fails it
+            return sent
 
-        if run is not None:
-            undo = _memory_snapshot(state, run)
+        if run is not None or whole:
+            undo = _memory_snapshot(state, run, [ahead] if whole and ahead is not None else [])
     try:
         return _fenced_step(
-            db, state, heartbeat, group, previous, planned, settings, succeeded, writes, undo
+            db,
+            state,
+            heartbeat,
+            group,
+            previous,
+            planned,
+            settings,
+            succeeded,
+            writes,
+            undo,
+            whole=whole,
         )
     except _Unspeculate:
         if undo is not None:
@@ -650,13 +744,28 @@ def _inputs_of(state: RunState, phase: ExecutionPhase) -> dict[str, Any]:
     )
 
 
-def _send_debit_ahead(s: Session, state: RunState, phase: ExecutionPhase) -> Any:
+def _send_debit_ahead(
+    s: Session, state: RunState, phase: ExecutionPhase, *, or_abort: bool = False
+) -> Any:
     """The phase's inputs and its debit, queued in the fence's batch; None when its
-    inputs do not resolve (then it fails on the common path, charged nothing)."""
+    inputs do not resolve (then it fails on the common path, charged nothing). With
+    ``or_abort`` (a transaction sent whole), the debit is made now or the transaction
+    fails: the function that reads its answer has nothing to read."""
     try:
         inputs = _inputs_of(state, phase)
     except FlowBuilderError:
         return None
+    if or_abort:
+        balance_crud.send_debit_or_abort(
+            connection=s.connection(),
+            user_id=state.user_id,
+            amount=phase.credits_cost,
+            idempotency_key=f"phase:{phase.id}",
+            execution_id=state.execution_id,
+            phase_id=phase.id,
+            reason=f"{phase.node_type} {phase.node_id}",
+        )
+        return inputs, _debited_now
     debit = balance_crud.send_debit_once(
         connection=s.connection(),
         user_id=state.user_id,
@@ -667,6 +776,11 @@ def _send_debit_ahead(s: Session, state: RunState, phase: ExecutionPhase) -> Any
         reason=f"{phase.node_type} {phase.node_id}",
     )
     return inputs, debit
+
+
+def _debited_now(_session: Session) -> bool:
+    """The answer of a debit sent whole: made now (or its transaction did not commit)."""
+    return True
 
 
 def _fenced_step(
@@ -680,8 +794,15 @@ def _fenced_step(
     succeeded: bool,
     writes: Callable[[Session], Any] | None,
     undo: Callable[[], None] | None,
+    *,
+    whole: bool = False,
 ) -> _GroupRun | RunResult:
-    with db.fenced(state, writes, undo) as (s, held, cancel, ahead):
+    transaction = (
+        db.sent_whole(state, writes)  # type: ignore[arg-type]  # whole: writes is set
+        if whole
+        else db.fenced(state, writes, undo)
+    )
+    with transaction as (s, held, cancel, ahead):
         if not held:
             return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
         if previous is not None and not succeeded:
@@ -770,13 +891,17 @@ _RECORDED_FIELDS = (
 )
 
 
-def _memory_snapshot(state: RunState, run: _GroupRun) -> Callable[[], None]:
-    """What :func:`_record_group` changes in memory, and the function that puts it back:
-    its writes may be lost with a connection that turned out dead, and are made again on
-    the new one."""
+def _memory_snapshot(
+    state: RunState, run: _GroupRun | None, starting: list[ExecutionPhase]
+) -> Callable[[], None]:
+    """What :func:`_record_group` (for ``run``) and the start of the ``starting`` phases
+    change in memory, and the function that puts it back: these writes may be lost with a
+    connection that turned out dead, or a transaction sent whole that was refused, and
+    are made again."""
     next_seq = state.next_seq
-    outputs = {p.node_id: state.outputs_by_node.get(p.node_id) for p, _n, _c in run.started}
-    phases = [(p, {f: getattr(p, f) for f in _RECORDED_FIELDS}) for p, _n, _c in run.started]
+    recorded = [p for p, _n, _c in run.started] if run is not None else []
+    outputs = {p.node_id: state.outputs_by_node.get(p.node_id) for p in recorded}
+    phases = [(p, {f: getattr(p, f) for f in _RECORDED_FIELDS}) for p in recorded + starting]
 
     def undo() -> None:
         state.next_seq = next_seq

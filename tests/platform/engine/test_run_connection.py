@@ -5,6 +5,7 @@ PostgreSQL only: the connection is cut with pg_terminate_backend."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -33,14 +34,27 @@ def _cutter(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def _terminate_others(engine: sa.Engine) -> int:
+    """Cut every other connection to the test database, and wait until those backends
+    are gone (their goodbye is then on each client's socket, as for a connection that
+    died while idle; pg_terminate_backend itself only signals them)."""
     # A fresh connection outside the pool, so that it is not one of those cut.
     with engine.pool._creator() as raw:  # type: ignore[attr-defined]
         cur = raw.cursor()
         cur.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "SELECT array_agg(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
-        return int(cur.fetchone()[0])
+        pids = cur.fetchone()[0] or []
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM unnest(%s::int[]) pid", (pids,))
+        cut = int(cur.fetchone()[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            raw.commit()  # a transaction reads pg_stat_activity once: a fresh one per look
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+            if cur.fetchone()[0] == 0:
+                break
+            time.sleep(0.01)
+        return cut
 
 
 @pytest.fixture(autouse=True)
