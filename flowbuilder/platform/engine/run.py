@@ -209,24 +209,45 @@ class _RunConnection:
             self._driver_idle()
 
     def claim(
-        self, session: Session, execution_id: uuid.UUID, owner: str, lease: float
-    ) -> execution_crud.Claimed | None:
-        """The claim, the transaction's first statement; on psycopg with its BEGIN in one
-        round trip (see :meth:`_fence`)."""
+        self, execution_id: uuid.UUID, owner: str, lease: float
+    ) -> tuple[execution_crud.Claimed | None, list[ExecutionPhase]]:
+        """The claim and, when it was taken, the run's phases: one transaction of its
+        own, committed (the attempt it counts is kept whatever happens next; what the
+        claim then finds to do, it does in transactions of their own, under the lease it
+        holds). On psycopg one round trip: BEGIN, the claim, the read and the COMMIT in
+        one batch."""
         if not self.batches:
-            return execution_crud.claim_execution(
-                session=session, execution_id=execution_id, owner=owner, lease_seconds=lease
-            )
-        conn = session.connection()
-        driver = conn.connection.driver_connection
-        with driver_errors(conn):
-            driver.autocommit = True  # back to the driver's own BEGIN when it ends
-            with driver.pipeline():
-                send_command(conn, "BEGIN")
-                answer = execution_crud.send_claim(
-                    connection=conn, execution_id=execution_id, owner=owner, lease_seconds=lease
+            with self.unit() as s:
+                claimed = execution_crud.claim_execution(
+                    session=s, execution_id=execution_id, owner=owner, lease_seconds=lease
                 )
-            return answer()
+                if claimed is None:
+                    return None, []
+                return claimed, phase_crud.read_phases(session=s, execution_id=execution_id)
+        session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
+        try:
+            conn = session.connection()
+            driver = conn.connection.driver_connection
+            with driver_errors(conn):
+                driver.autocommit = True  # back to the driver's own BEGIN at the end
+                with driver.pipeline():
+                    send_command(conn, "BEGIN")
+                    answer = execution_crud.send_claim(
+                        connection=conn, execution_id=execution_id, owner=owner, lease_seconds=lease
+                    )
+                    # Read in the claim's transaction, after it (discarded if not taken).
+                    read = phase_crud.send_read_phases(connection=conn, execution_id=execution_id)
+                    send_command(conn, "COMMIT")
+                claimed = answer()
+                phases = read()
+            session.commit()  # the driver is idle: psycopg sends nothing
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+            self._driver_idle()
+        return claimed, phases if claimed is not None else []
 
     @contextlib.contextmanager
     def fenced(
@@ -466,13 +487,17 @@ def _remember_plan(version_id: uuid.UUID, plan: Any) -> None:
 def _claim(
     db: _RunConnection, execution_id: uuid.UUID, owner: str, lease: float
 ) -> RunState | RunResult:
+    """Take the run and read what it needs. The claim commits first (see
+    :meth:`_RunConnection.claim`); what it finds to do otherwise (end a run that must
+    not go on, read a plan or a log position this process does not have) is done in a
+    transaction of its own, under the lease the claim took."""
     from flowbuilder.platform.plan import ExecutionPlan
 
-    with db.unit() as s:
-        # One statement on the common path: the lease taken, the execution marked running
-        # and its row read back. Why it was not taken is read only when it was not.
-        execution = db.claim(s, execution_id, owner, lease)
-        if execution is None:
+    # One statement on the common path: the lease taken, the execution marked running
+    # and its row read back, with its phases. Why it was not taken is read only when not.
+    execution, phases = db.claim(execution_id, owner, lease)
+    if execution is None:
+        with db.unit() as s:
             row = s.get(WorkflowExecution, execution_id)
             if row is None:
                 return RunResult(Outcome.MISSING, error="no such execution")
@@ -487,16 +512,19 @@ def _claim(
                     # Past every run's bound: do not come back (see _exhausted).
                     remaining = 0.0
             return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
-        settings = get_settings()
-        ended = _exhausted(execution, settings)
-        if ended is not None:
+    settings = get_settings()
+    ended = _exhausted(execution, settings)
+    if ended is not None:
+        with db.unit() as s:
             _abandon(s, execution, ended)
-            return RunResult(Outcome.FAILED, error=ended)
-        if execution.cancel_requested:
+        return RunResult(Outcome.FAILED, error=ended)
+    if execution.cancel_requested:
+        with db.unit() as s:
             _finish(s, execution.id, ExecutionStatus.CANCELLED, "cancelled", PhaseStatus.CANCELLED)
-            return RunResult(Outcome.CANCELLED)
-        plan = _cached_plan(execution.workflow_version_id)
-        if plan is None:
+        return RunResult(Outcome.CANCELLED)
+    plan = _cached_plan(execution.workflow_version_id)
+    if plan is None:
+        with db.unit() as s:
             version = (
                 s.get(WorkflowVersion, execution.workflow_version_id)
                 if execution.workflow_version_id
@@ -505,54 +533,48 @@ def _claim(
             if version is not None and version.plan:
                 plan = ExecutionPlan.from_dict(version.plan)
                 _remember_plan(version.id, plan)
-        if plan is None:
-            _finish(
-                s,
-                execution.id,
-                ExecutionStatus.FAILED,
-                "the workflow version was deleted before the run",
-                PhaseStatus.SKIPPED,
-            )
-            return RunResult(Outcome.FAILED, error="workflow version missing")
-        phases = list(
-            s.exec(
-                select(ExecutionPhase)
-                .where(ExecutionPhase.execution_id == execution.id)
-                .order_by(ExecutionPhase.number, ExecutionPhase.position)
-            )
-        )
-        # A failure recorded in the database is final: a resumed run never skips past a
-        # failed phase (a credit refusal, a node that failed) to run the rest.
-        failed = next((p for p in phases if p.status == PhaseStatus.FAILED), None)
-        if failed is not None:
-            error = f"phase {failed.node_id} ({failed.node_type}) failed: {failed.error}"
+            else:
+                _finish(
+                    s,
+                    execution.id,
+                    ExecutionStatus.FAILED,
+                    "the workflow version was deleted before the run",
+                    PhaseStatus.SKIPPED,
+                )
+                return RunResult(Outcome.FAILED, error="workflow version missing")
+    # A failure recorded in the database is final: a resumed run never skips past a
+    # failed phase (a credit refusal, a node that failed) to run the rest.
+    failed = next((p for p in phases if p.status == PhaseStatus.FAILED), None)
+    if failed is not None:
+        error = f"phase {failed.node_id} ({failed.node_type}) failed: {failed.error}"
+        with db.unit() as s:
             _abandon(s, execution, error)
-            return RunResult(Outcome.FAILED, error=error)
-        budget = settings.EXECUTION_TIMEOUT_SECONDS
-        if execution.started_at is not None:
-            elapsed = (utcnow() - execution.started_at).total_seconds()
-            budget = min(budget, settings.EXECUTION_MAX_TOTAL_SECONDS - elapsed)
-        state = RunState(
-            execution_id=execution.id,
-            user_id=execution.user_id,
-            workflow_id=execution.workflow_id,
-            owner=owner,
-            lease=lease,
-            deadline=time.monotonic() + budget,
-            plan=plan,
-            phases=phases,
-            # Logs are written only with a phase's end: none yet if no phase has ended.
-            next_seq=(
-                log_crud.next_log_seq(session=s, execution_id=execution.id)
-                if any(p.status not in _OPEN_PHASE for p in phases)
-                else 1
-            ),
-            started_at=execution.started_at,
-        )
-        for phase in phases:
-            if phase.status == PhaseStatus.COMPLETED:
-                state.outputs_by_node[phase.node_id] = phase.outputs or {}
-        return state
+        return RunResult(Outcome.FAILED, error=error)
+    budget = settings.EXECUTION_TIMEOUT_SECONDS
+    if execution.started_at is not None:
+        elapsed = (utcnow() - execution.started_at).total_seconds()
+        budget = min(budget, settings.EXECUTION_MAX_TOTAL_SECONDS - elapsed)
+    # Logs are written only with a phase's end: none yet if no phase has ended.
+    next_seq = 1
+    if any(p.status not in _OPEN_PHASE for p in phases):
+        with db.unit() as s:
+            next_seq = log_crud.next_log_seq(session=s, execution_id=execution.id)
+    state = RunState(
+        execution_id=execution.id,
+        user_id=execution.user_id,
+        workflow_id=execution.workflow_id,
+        owner=owner,
+        lease=lease,
+        deadline=time.monotonic() + budget,
+        plan=plan,
+        phases=phases,
+        next_seq=next_seq,
+        started_at=execution.started_at,
+    )
+    for phase in phases:
+        if phase.status == PhaseStatus.COMPLETED:
+            state.outputs_by_node[phase.node_id] = phase.outputs or {}
+    return state
 
 
 def _exhausted(execution: execution_crud.Claimed, settings: Any) -> str | None:

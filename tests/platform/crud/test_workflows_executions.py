@@ -509,3 +509,50 @@ def test_draft_with_a_lone_surrogate_is_a_validation_error(session: Session) -> 
             user_id=user.id,
             data=WorkflowCreate(name="bad", definition={"notes": "x\ud800"}),
         )
+
+
+def test_the_engines_read_of_phases_is_what_the_orm_loads(engine, session: Session) -> None:
+    """read_phases (and its batched form on psycopg) build detached objects from Core rows,
+    without the ORM's query path: the same values and types as the ORM's, and objects that
+    update, not insert, when a session takes them back."""
+    import sqlalchemy as sa
+
+    user = make_user(session)
+    ex = _execution(session, user)
+    phases = phase_crud.create_phases(session=session, execution=ex, planned=_planned(3))
+    phase_crud.update_phase(
+        session=session, phase=phases[0], status=PhaseStatus.RUNNING, inputs={"z": 1, "a": [2]}
+    )
+    phase_crud.update_phase(
+        session=session, phase=phases[0], status=PhaseStatus.COMPLETED, outputs={"b": None}
+    )
+    session.commit()
+    expected = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    columns = [column.key for column in ExecutionPhase.__table__.c]
+
+    def values(items: list) -> list[dict]:
+        return [{key: getattr(item, key) for key in columns} for item in items]
+
+    with Session(engine) as s:
+        read = phase_crud.read_phases(session=s, execution_id=ex.id)
+    assert values(read) == values(expected)
+    assert read[0].status is PhaseStatus.COMPLETED and read[0].started_at.tzinfo is not None
+    if engine.dialect.driver == "psycopg":
+        with engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            with driver.pipeline():
+                answer = phase_crud.send_read_phases(connection=conn, execution_id=ex.id)
+            batched = answer()
+        assert values(batched) == values(expected)
+        assert batched[0].status is PhaseStatus.COMPLETED
+        assert batched[0].completed_at.tzinfo is not None
+    # Detached, not new: taken back by a session, a change is an UPDATE of that row.
+    assert sa.inspect(read[1]).detached
+    with Session(engine) as s:
+        phase = s.merge(read[1], load=False)
+        phase.error = "changed"
+        s.commit()
+    session.rollback()  # a fresh snapshot (SQLite keeps a read transaction's view)
+    session.expire_all()
+    assert session.get(ExecutionPhase, read[1].id).error == "changed"
+    assert len(phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)) == 3
