@@ -311,7 +311,7 @@ class _RunConnection:
         commits. That raises :class:`_Unspeculate` once rolled back, and the step is made
         again the way that reads answers and says why. A connection lost on the way leaves
         the commit unknown: the error goes to run_execution (TransientError), and the run
-        resumes from what the database holds, as after a commit lost today."""
+        resumes from what the database holds, as when any COMMIT's answer is lost."""
         self.deferred = []
         session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
         try:
@@ -493,8 +493,8 @@ def _claim(
     transaction of its own, under the lease the claim took."""
     from flowbuilder.platform.plan import ExecutionPlan
 
-    # One statement on the common path: the lease taken, the execution marked running
-    # and its row read back, with its phases. Why it was not taken is read only when not.
+    # One round trip on the common path: the lease taken, the execution marked running and
+    # its row read back, with its phases. Why it was not taken is read only when it was not.
     execution, phases = db.claim(execution_id, owner, lease)
     if execution is None:
         with db.unit() as s:
