@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -176,6 +177,17 @@ def _phase_json_columns(url: str, query: str) -> dict[str, str]:
         engine.dispose()
 
 
+def _after_create_all(facts: Any) -> dict[str, str]:
+    """``facts(url)`` on a database made by create_all (as tests and benchmarks make it)."""
+    with db.temporary_database(PG_ADMIN_URL, "flowbuilder_create_all") as url:
+        engine = sa.create_engine(url)
+        try:
+            SQLModel.metadata.create_all(engine)
+        finally:
+            engine.dispose()
+        return facts(url)
+
+
 def _phase_json_compression(url: str) -> dict[str, str]:
     return _phase_json_columns(
         url,
@@ -201,13 +213,7 @@ def test_phase_inputs_and_outputs_are_compressed_with_lz4(fresh_pg_url: str) -> 
     assert _phase_json_compression(fresh_pg_url) == {"inputs": "", "outputs": ""}
     migrate.upgrade(database_url=fresh_pg_url)
     assert _phase_json_compression(fresh_pg_url) == {"inputs": "l", "outputs": "l"}
-    with db.temporary_database(PG_ADMIN_URL, "flowbuilder_create_all") as url:
-        engine = sa.create_engine(url)
-        try:
-            SQLModel.metadata.create_all(engine)
-        finally:
-            engine.dispose()
-        assert _phase_json_compression(url) == {"inputs": "l", "outputs": "l"}
+    assert _after_create_all(_phase_json_compression) == {"inputs": "l", "outputs": "l"}
 
 
 def test_the_compression_migration_is_a_no_op_on_sqlite(fresh_sqlite_url: str) -> None:
@@ -268,10 +274,4 @@ def test_phase_inputs_and_outputs_are_json_text_and_survive_the_type_change(
     finally:
         engine.dispose()
     # create_all (tests, benchmarks) matches the migrations.
-    with db.temporary_database(PG_ADMIN_URL, "flowbuilder_create_all") as url:
-        engine = sa.create_engine(url)
-        try:
-            SQLModel.metadata.create_all(engine)
-        finally:
-            engine.dispose()
-        assert _phase_json_types(url) == {"inputs": "json", "outputs": "json"}
+    assert _after_create_all(_phase_json_types) == {"inputs": "json", "outputs": "json"}

@@ -777,18 +777,8 @@ def _send_debit_ahead(
         inputs = _inputs_of(state, phase)
     except FlowBuilderError:
         return None
-    if or_abort:
-        balance_crud.send_debit_or_abort(
-            connection=s.connection(),
-            user_id=state.user_id,
-            amount=phase.credits_cost,
-            idempotency_key=f"phase:{phase.id}",
-            execution_id=state.execution_id,
-            phase_id=phase.id,
-            reason=f"{phase.node_type} {phase.node_id}",
-        )
-        return inputs, _debited_now
-    debit = balance_crud.send_debit_once(
+    send = balance_crud.send_debit_or_abort if or_abort else balance_crud.send_debit_once
+    debit = send(
         connection=s.connection(),
         user_id=state.user_id,
         amount=phase.credits_cost,
@@ -797,7 +787,7 @@ def _send_debit_ahead(
         phase_id=phase.id,
         reason=f"{phase.node_type} {phase.node_id}",
     )
-    return inputs, debit
+    return inputs, (_debited_now if or_abort else debit)
 
 
 def _debited_now(_session: Session) -> bool:
