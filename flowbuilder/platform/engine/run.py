@@ -690,39 +690,45 @@ def _step(
 
     On psycopg the common case is one round trip. A phase whose nodes all produced a
     result is recorded with writes only (the logs, the results): they travel with the
-    fence. When the next phase is one node without a credential, its debit travels there
-    too, and so do its start and the COMMIT (or, after the last phase, the run's end and
-    the COMMIT): the transaction is sent whole, and its fence and debit fail it unless
-    they succeed outright. Otherwise, or when that transaction is refused, the fence's
-    answer is read first (two round trips). If the fence then says the phase must not
-    start (the run was cancelled or is out of time), the whole transaction is rolled
-    back, the debit with it, and the step is made again without it. One that failed also
-    refunds and may end the run, which reads results: recorded after the fence."""
+    fence. When the next phase's nodes need no credential, their debits travel there
+    too, and so do their starts and the COMMIT (or, after the last phase, the run's end
+    and the COMMIT): the transaction is sent whole, and its fence and debits fail it
+    unless they succeed outright. Otherwise, or when that transaction is refused, the
+    fence's answer is read first (two round trips; a one-node phase's debit still goes
+    with the fence, its answer read before the phase starts). If the fence then says the
+    phase must not start (the run was cancelled or is out of time), the whole transaction
+    is rolled back, the debit with it, and the step is made again without it. One that
+    failed also refunds and may end the run, which reads results: recorded after the
+    fence."""
     succeeded = (
         previous is not None
         and previous.refusal is None
         and all(outcome.error is None for outcome in previous.outcomes)
     )
-    ahead = None  # the phase whose debit travels with the fence
-    if (
+    # Phases whose debits can travel with the fence: no credential to read first.
+    light = (
         speculate
         and db.batches
         and (previous is None or succeeded)
         and group is not None
-        and len(group) == 1
-        and planned[group[0].node_id].credential_id is None
-        and group[0].credits_cost > 0
-    ):
-        ahead = group[0]
+        and all(planned[phase.node_id].credential_id is None for phase in group)
+    )
     # The whole transaction in one round trip when its body reads nothing: the run's end
-    # after a phase that succeeded, or the start of a phase whose debit goes ahead.
-    whole = (
+    # after a phase that succeeded, or the start of a phase whose debits go ahead.
+    whole = bool(
         speculate
-        and (ahead is not None or (group is None and succeeded))
+        and (light or (group is None and succeeded))
         and not heartbeat.cancelled.is_set()
         and state.deadline - time.monotonic() > 0
         and db.can_send_whole()
     )
+    ahead = None  # the phases whose debits travel with the fence
+    if whole and group is not None:
+        ahead = group
+    elif light and len(group) == 1 and group[0].credits_cost > 0:  # type: ignore[arg-type]
+        # Read back before the phase starts: one node only, so that a refused debit
+        # leaves no other debit of this transaction without its phase.
+        ahead = group
     writes = undo = None
     if succeeded or ahead is not None:
         run = previous if succeeded else None
@@ -732,13 +738,13 @@ def _step(
                 _record_group(s, state, run, settings)
             if ahead is None:
                 return None
-            sent = _send_debit_ahead(s, state, ahead, or_abort=whole)
+            sent = _send_debits_ahead(s, state, ahead, or_abort=whole)
             if sent is None and whole:
-                raise _Unspeculate  # its inputs do not resolve: the common path fails it
+                raise _Unspeculate  # an input does not resolve: the common path fails it
             return sent
 
         if run is not None or whole:
-            undo = _memory_snapshot(state, run, [ahead] if whole and ahead is not None else [])
+            undo = _memory_snapshot(state, run, ahead if whole and ahead is not None else [])
     try:
         return _fenced_step(
             db,
@@ -766,28 +772,35 @@ def _inputs_of(state: RunState, phase: ExecutionPhase) -> dict[str, Any]:
     )
 
 
-def _send_debit_ahead(
-    s: Session, state: RunState, phase: ExecutionPhase, *, or_abort: bool = False
-) -> Any:
-    """The phase's inputs and its debit, queued in the fence's batch; None when its
-    inputs do not resolve (then it fails on the common path, charged nothing). With
-    ``or_abort`` (a transaction sent whole), the debit is made now or the transaction
-    fails: the function that reads its answer has nothing to read."""
+def _send_debits_ahead(
+    s: Session, state: RunState, phases: list[ExecutionPhase], *, or_abort: bool = False
+) -> dict[uuid.UUID, tuple[dict[str, Any], Any]] | None:
+    """Each phase's inputs and its debit (None for a phase that costs nothing), queued in
+    the fence's batch; None, with nothing queued, when an input does not resolve (the
+    phase then fails on the common path, charged nothing). With ``or_abort`` (a
+    transaction sent whole), each debit is made now or the transaction fails: the
+    function that reads its answer has nothing to read."""
     try:
-        inputs = _inputs_of(state, phase)
+        inputs = {phase.id: _inputs_of(state, phase) for phase in phases}
     except FlowBuilderError:
         return None
     send = balance_crud.send_debit_or_abort if or_abort else balance_crud.send_debit_once
-    debit = send(
-        connection=s.connection(),
-        user_id=state.user_id,
-        amount=phase.credits_cost,
-        idempotency_key=f"phase:{phase.id}",
-        execution_id=state.execution_id,
-        phase_id=phase.id,
-        reason=f"{phase.node_type} {phase.node_id}",
-    )
-    return inputs, (_debited_now if or_abort else debit)
+    sent: dict[uuid.UUID, tuple[dict[str, Any], Any]] = {}
+    for phase in phases:
+        debit = None
+        if phase.credits_cost > 0:
+            answer = send(
+                connection=s.connection(),
+                user_id=state.user_id,
+                amount=phase.credits_cost,
+                idempotency_key=f"phase:{phase.id}",
+                execution_id=state.execution_id,
+                phase_id=phase.id,
+                reason=f"{phase.node_type} {phase.node_id}",
+            )
+            debit = _debited_now if or_abort else answer
+        sent[phase.id] = (inputs[phase.id], debit)
+    return sent
 
 
 def _debited_now(_session: Session) -> bool:
@@ -835,7 +848,7 @@ def _fenced_step(
             debit = None
             try:
                 if ahead is not None:
-                    current.inputs[phase.id], debit = ahead
+                    current.inputs[phase.id], debit = ahead[phase.id]
                 else:
                     current.inputs[phase.id] = _inputs_of(state, phase)
             except FlowBuilderError as exc:  # a required input upstream did not produce

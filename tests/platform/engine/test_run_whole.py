@@ -186,3 +186,82 @@ def test_a_phase_debited_before_is_not_debited_again(
         assert whole["refused"] == 1
     assert [p.status for p in _phases(session, user, ex)] == [PhaseStatus.COMPLETED] * 3
     assert _balanced(session, user) == 7  # three phases, each debited once
+
+
+def _fan_out() -> dict[str, Any]:
+    """One node, then two nodes in parallel (one phase of two nodes) reading it."""
+    return {
+        "version": 1,
+        "nodes": [
+            {
+                "id": "root",
+                "type": "add_property_to_json",
+                "inputs": {"json": {"start": True}, "property_path": "a", "value": 1},
+            },
+            {
+                "id": "left",
+                "type": "add_property_to_json",
+                "inputs": {"property_path": "l", "value": 2},
+            },
+            {
+                "id": "right",
+                "type": "add_property_to_json",
+                "inputs": {"property_path": "r", "value": 3},
+            },
+        ],
+        "edges": [
+            {"source": "root", "sourceHandle": "json", "target": t, "targetHandle": "json"}
+            for t in ("left", "right")
+        ],
+    }
+
+
+def _prepare_fan_out(session: Session, credits: int) -> tuple[Any, Any]:
+    user = make_user(session, credits=credits)
+    wf = make_workflow(session, user, definition=_fan_out(), publish=True)
+    session.commit()
+    ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    return user, ex
+
+
+def test_a_phase_of_several_nodes_is_sent_whole(
+    engine, session: Session, whole: dict[str, int]
+) -> None:
+    user, ex = _prepare_fan_out(session, credits=10)
+    assert run_execution(ex.id).outcome == Outcome.COMPLETED
+    # The first phase, the two-node phase, the run's end.
+    assert whole == ({"sent": 3, "refused": 0} if _postgres(engine) else {"sent": 0, "refused": 0})
+    phases = _phases(session, user, ex)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 3
+    assert {p.node_id: p.outputs["json"] for p in phases}["right"] == {
+        "start": True,
+        "a": 1,
+        "r": 3,
+    }
+    assert _balanced(session, user) == 7
+
+
+def test_one_debit_refused_in_a_phase_of_several_nodes_keeps_none_of_them(
+    engine, session: Session, whole: dict[str, int]
+) -> None:
+    """The balance covers one of the two parallel nodes: the transaction sent whole is
+    refused as a whole, and the reading path starts what it can pay for (the node that
+    started still runs) and fails the other, as without batches."""
+    user, ex = _prepare_fan_out(session, credits=3)
+
+    def spend(s: Session) -> None:
+        balance_crud.debit_credits(
+            session=s, user_id=user.id, amount=1, idempotency_key="elsewhere", reason="other"
+        )
+
+    result = run_execution(ex.id, on_phase_started=_after_first(engine, spend))
+    assert result.outcome == Outcome.FAILED
+    if _postgres(engine):
+        assert whole["refused"] == 1
+    phases = {p.node_id: p for p in _phases(session, user, ex)}
+    assert phases["root"].status == PhaseStatus.COMPLETED
+    statuses = sorted(p.status.value for name, p in phases.items() if name != "root")
+    assert statuses == [PhaseStatus.COMPLETED.value, PhaseStatus.FAILED.value]
+    charged = sum(p.credits_charged for p in phases.values())
+    assert charged == 2 and _balanced(session, user) == 0
