@@ -29,6 +29,7 @@ from flowbuilder.tasks.app import app
 from tests.chaos import crash_node
 from tests.chaos.conftest import ScenarioRow, check_invariants, purge, queue_url, statuses
 from tests.factories import make_user, make_workflow
+from tests.pg_cut import terminate_other_backends
 from tests.platform._http_server import local_server
 from tests.tasks.conftest import wait_for
 
@@ -208,19 +209,6 @@ def test_undecodable_message(pool, worker_settings, pg_session, sweeper) -> None
 # ------------------------------------------------------------------------ the database
 
 
-def _wait_until_gone(session: Session, pids: list[int], timeout: float = 10) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        left = session.execute(
-            sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
-            {"pids": pids},
-        ).scalar_one()
-        session.commit()  # a transaction reads pg_stat_activity once: a fresh one per look
-        if not left:
-            return
-        time.sleep(0.01)
-
-
 def test_terminated_database_connections(pool, worker_settings, pg_session, sweeper) -> None:
     ids = _enqueue(pg_session, _delays(0.3, 0.3, 0.3), 10)
     p = pool()
@@ -230,22 +218,11 @@ def test_terminated_database_connections(pool, worker_settings, pg_session, swee
     end = time.monotonic() + 60
     while time.monotonic() < end and terminated < 8:
         time.sleep(0.7)
-        pids = pg_session.execute(
-            sa.text(
-                "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        ).scalar_one()
-        n = pg_session.execute(
-            sa.text("SELECT count(pg_terminate_backend(pid)) FROM unnest(:pids) pid"),
-            {"pids": pids},
-        ).scalar_one()
-        pg_session.commit()
-        terminated += int(n)
-        # pg_terminate_backend only signals: wait until those backends are gone, so
-        # that what the test itself reads next never races a connection being cut
-        # (its own pooled connections are among them).
-        _wait_until_gone(pg_session, pids)
+        # On a connection outside the pool, waiting until the backends are gone: what
+        # the test reads next never races a connection being cut. The test's session
+        # holds none meanwhile (its pooled ones are cut like the workers').
+        pg_session.rollback()
+        terminated += terminate_other_backends(pg_session.get_bind())
         if all(e.status.is_terminal for e in statuses(pg_session, ids).values()):
             break
     row = ScenarioRow("terminated DB connections", faults=terminated)

@@ -5,7 +5,6 @@ PostgreSQL only: the connection is cut with pg_terminate_backend."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from flowbuilder.platform.models import ExecutionStatus, PhaseStatus, WorkflowEx
 from flowbuilder.platform.nodes import register_node_type, unregister_node_type
 from flowbuilder.platform.nodes.base import NodeType, PortSpec
 from tests.factories import make_user, make_workflow
+from tests.pg_cut import terminate_other_backends
 
 _cut: dict[str, Any] = {}
 
@@ -29,32 +29,8 @@ def _cutter(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
     two transactions of the run), once per key."""
     if inputs["key"] in _cut and not _cut[inputs["key"]]["done"]:
         _cut[inputs["key"]]["done"] = True
-        _terminate_others(_cut[inputs["key"]]["engine"])
+        terminate_other_backends(_cut[inputs["key"]]["engine"])
     return {"value": inputs["key"]}
-
-
-def _terminate_others(engine: sa.Engine) -> int:
-    """Cut every other connection to the test database, and wait until those backends
-    are gone (their goodbye is then on each client's socket, as for a connection that
-    died while idle; pg_terminate_backend itself only signals them)."""
-    # A fresh connection outside the pool, so that it is not one of those cut.
-    with engine.pool._creator() as raw:  # type: ignore[attr-defined]
-        cur = raw.cursor()
-        cur.execute(
-            "SELECT array_agg(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        pids = cur.fetchone()[0] or []
-        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM unnest(%s::int[]) pid", (pids,))
-        cut = int(cur.fetchone()[0])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            raw.commit()  # a transaction reads pg_stat_activity once: a fresh one per look
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
-            if cur.fetchone()[0] == 0:
-                break
-            time.sleep(0.01)
-        return cut
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +118,7 @@ def test_connection_lost_inside_a_transaction_is_transient_and_resumes(
         if calls["n"] == 2:
             # The second phase's start: after the fence and the first phase's results
             # were sent (and answered), before its debit: mid-transaction.
-            _terminate_others(pg_only)
+            terminate_other_backends(pg_only)
         return real(*args)
 
     monkeypatch.setattr(run_module, "_start_phase", cut_then_start)
