@@ -195,18 +195,26 @@ class _RunConnection:
         return self._conn
 
     @contextlib.contextmanager
-    def unit(self) -> Iterator[Session]:
-        """One transaction on the held connection: commit at the end, roll back on error."""
+    def _session(self) -> Iterator[Session]:
+        """A session on the held connection for one transaction: rolled back if the block
+        raises, then closed, and the driver back to its own transactions."""
         session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
         try:
             yield session
-            session.commit()
         except BaseException:
             session.rollback()
             raise
         finally:
+            self.deferred = []
             session.close()
             self._driver_idle()
+
+    @contextlib.contextmanager
+    def unit(self) -> Iterator[Session]:
+        """One transaction on the held connection: commit at the end, roll back on error."""
+        with self._session() as session:
+            yield session
+            session.commit()
 
     def claim(
         self, execution_id: uuid.UUID, owner: str, lease: float
@@ -224,8 +232,7 @@ class _RunConnection:
                 if claimed is None:
                     return None, []
                 return claimed, phase_crud.read_phases(session=s, execution_id=execution_id)
-        session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
-        try:
+        with self._session() as session:
             conn = session.connection()
             driver = conn.connection.driver_connection
             with driver_errors(conn):
@@ -241,12 +248,6 @@ class _RunConnection:
                 claimed = answer()
                 phases = read()
             session.commit()  # the driver is idle: psycopg sends nothing
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-            self._driver_idle()
         return claimed, phases if claimed is not None else []
 
     @contextlib.contextmanager
@@ -313,8 +314,7 @@ class _RunConnection:
         the commit unknown: the error goes to run_execution (TransientError), and the run
         resumes from what the database holds, as when any COMMIT's answer is lost."""
         self.deferred = []
-        session = Session(bind=self._connection(), expire_on_commit=False, autoflush=True)
-        try:
+        with self._session() as session:
             conn = session.connection()
             driver = conn.connection.driver_connection
             try:
@@ -338,13 +338,6 @@ class _RunConnection:
                     raise _Unspeculate from exc
                 raise
             session.commit()  # the driver is idle: psycopg sends nothing
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            self.deferred = []
-            session.close()
-            self._driver_idle()
 
     def _driver_idle(self) -> None:
         """Back to the driver's own transactions once the batch's transaction ended."""
