@@ -108,6 +108,7 @@ def read_phases(*, session: Session, execution_id: uuid.UUID) -> list[ExecutionP
     the lease held: no user scoping, the claim proved the run ours)."""
     connection = session.connection()
     rows = connection.execute(_SELECT_PHASES, {"b_execution_id": execution_id})
+    sa.orm.configure_mappers()  # once per process (_detached needs the mapper); a flag check
     return [_detached(dict(row._mapping)) for row in rows]
 
 
@@ -123,6 +124,7 @@ def send_read_phases(
     ]
 
     def read() -> list[ExecutionPhase]:
+        sa.orm.configure_mappers()  # as in read_phases
         return [
             _detached(
                 {
@@ -139,7 +141,6 @@ def send_read_phases(
 def _detached(values: dict[str, Any]) -> ExecutionPhase:
     """The object the ORM would load for this row, detached, without its query path (nor
     the model's validation: the values come from the database)."""
-    sa.orm.configure_mappers()  # once per process; a flag check afterwards
     phase = _PHASE_MANAGER.new_instance()
     for key, value in values.items():
         set_committed_value(phase, key, value)

@@ -782,18 +782,22 @@ def _send_debits_ahead(
     for phase in phases:
         debit = None
         if phase.credits_cost > 0:
-            answer = send(
-                connection=s.connection(),
-                user_id=state.user_id,
-                amount=phase.credits_cost,
-                idempotency_key=f"phase:{phase.id}",
-                execution_id=state.execution_id,
-                phase_id=phase.id,
-                reason=f"{phase.node_type} {phase.node_id}",
-            )
+            answer = send(connection=s.connection(), **_phase_debit(state, phase))
             debit = _debited_now if or_abort else answer
         sent[phase.id] = (inputs[phase.id], debit)
     return sent
+
+
+def _phase_debit(state: RunState, phase: ExecutionPhase) -> dict[str, Any]:
+    """A phase's debit, keyed ``phase:<id>`` (once per phase, whichever way it is sent)."""
+    return {
+        "user_id": state.user_id,
+        "amount": phase.credits_cost,
+        "idempotency_key": f"phase:{phase.id}",
+        "execution_id": state.execution_id,
+        "phase_id": phase.id,
+        "reason": f"{phase.node_type} {phase.node_id}",
+    }
 
 
 def _debited_now(_session: Session) -> bool:
@@ -1073,15 +1077,7 @@ def _start_phase(
             if debit is not None:  # sent with the fence (see _step): its answer is here
                 debit(s)
             else:
-                balance_crud.debit_once(
-                    session=s,
-                    user_id=state.user_id,
-                    amount=phase.credits_cost,
-                    idempotency_key=f"phase:{phase.id}",
-                    execution_id=state.execution_id,
-                    phase_id=phase.id,
-                    reason=f"{phase.node_type} {phase.node_id}",
-                )
+                balance_crud.debit_once(session=s, **_phase_debit(state, phase))
         except InsufficientCredits as exc:
             error = run_error = str(exc)
     if error is not None:
