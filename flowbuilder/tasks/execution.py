@@ -6,6 +6,9 @@ id only: never a definition, never a secret.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,6 +37,10 @@ logger = structlog.get_logger(__name__)
 register_time_limit_error(SoftTimeLimitExceeded)
 
 _PENDING_SENDS = "flowbuilder.pending_sends"
+_EARLY_SENDS = "flowbuilder.early_sends"
+# How long a commit waits for an early send still in flight (kombu's own retries and
+# boto3's timeouts end it well before; past this the sweep has it anyway).
+_EARLY_SEND_WAIT_SECONDS = 60.0
 
 
 class ExecutionTask(Task):
@@ -174,27 +181,85 @@ def send_after_commit(
     session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id))
 
 
+def send_while_committing(
+    session: Session, execution_id: uuid.UUID, correlation_id: str | None = None
+) -> None:
+    """Start the send now, in a background thread; the commit waits for it to finish.
+
+    Only for an execution whose row ``session``'s transaction has written under its
+    enqueue lock (``engine.enqueue.enqueue_lock``, PostgreSQL): a worker that receives the
+    message before the commit finds no row, waits for that lock, and looks again; after a
+    rollback it finds none and drops the message. The SQS send (a few milliseconds,
+    mostly waiting for the service) then overlaps the rest of the caller's transaction
+    and its COMMIT instead of following them.
+    """
+    started = threading.Event()
+
+    def send() -> None:
+        started.set()
+        send_execution(execution_id, correlation_id)
+
+    future = _sender().submit(send)
+    session.info.setdefault(_EARLY_SENDS, []).append((execution_id, future))
+    # Wait (briefly) for the send thread to start. It then holds the GIL until its request
+    # is on the wire, and this thread's remaining work overlaps the wait for SQS's answer;
+    # otherwise the send would start only when this thread next blocks.
+    started.wait(0.05)
+
+
+_sender_lock = threading.Lock()
+_sender_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _sender() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's send threads (made again in a forked child: threads do not fork)."""
+    global _sender_pool
+    with _sender_lock:
+        if _sender_pool is None or _sender_pool[0] != os.getpid():
+            _sender_pool = (
+                os.getpid(),
+                concurrent.futures.ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="flowbuilder-send"
+                ),
+            )
+        return _sender_pool[1]
+
+
+def _log_send_failure(execution_id: uuid.UUID, exc: BaseException) -> None:
+    logger.error(
+        "execution_send_failed",
+        execution_id=str(execution_id),
+        error=f"{type(exc).__name__}: {str(exc)[:200]}",
+    )
+
+
 @event.listens_for(OrmSession, "after_commit")
 def _send_pending(session: OrmSession) -> None:
     if session.in_nested_transaction():
         # SQLAlchemy emits after_commit when a SAVEPOINT is released too; only the outer
         # commit makes the execution visible to a worker.
         return
+    for execution_id, future in session.info.pop(_EARLY_SENDS, []):
+        # Committed: when commit() returns, the message is in the queue (or its failure
+        # is logged, and the sweep re-sends the run).
+        try:
+            future.result(timeout=_EARLY_SEND_WAIT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
+            _log_send_failure(execution_id, exc)
     for execution_id, correlation_id in session.info.pop(_PENDING_SENDS, []):
         try:
             send_execution(execution_id, correlation_id)
         except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
-            logger.error(
-                "execution_send_failed",
-                execution_id=str(execution_id),
-                error=f"{type(exc).__name__}: {str(exc)[:200]}",
-            )
+            _log_send_failure(execution_id, exc)
 
 
 @event.listens_for(OrmSession, "after_soft_rollback")
 def _drop_pending(session: OrmSession, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(_PENDING_SENDS, None)
+        # Sent already, or about to be: the worker finds no row and drops the message.
+        for execution_id, _future in session.info.pop(_EARLY_SENDS, []):
+            logger.info("execution_send_withdrawn", execution_id=str(execution_id))
 
 
 def enqueue_execution(
@@ -211,6 +276,13 @@ def enqueue_execution(
     Raises NotFound, Conflict (not published), ValidationFailed (bad definition),
     RateLimited or InsufficientCredits; nothing is recorded or sent then.
     """
+    sent: list[uuid.UUID] = []
+
+    def send_now(execution_id: uuid.UUID) -> None:
+        # PostgreSQL, the rows written under the enqueue lock: the send overlaps the commit.
+        send_while_committing(session, execution_id, correlation_id)
+        sent.append(execution_id)
+
     execution = engine.prepare_execution(
         session=session,
         workflow_id=workflow_id,
@@ -218,8 +290,10 @@ def enqueue_execution(
         trigger=trigger,
         inputs=inputs,
         correlation_id=correlation_id,
+        on_written=send_now,
     )
-    send_after_commit(session, execution.id, correlation_id)
+    if not sent:
+        send_after_commit(session, execution.id, correlation_id)
     return execution
 
 

@@ -8,9 +8,10 @@ import uuid
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from flowbuilder.platform import sqs
+from flowbuilder.platform import db, sqs
 from flowbuilder.platform.crud import balance_crud, log_crud, phase_crud
 from flowbuilder.platform.errors import InsufficientCredits, RateLimited, ValidationFailed
 from flowbuilder.platform.models import (
@@ -288,9 +289,12 @@ def test_concurrent_executions_never_overdraw(spawn_worker: Any, pg_session: Ses
     assert isinstance(logs, list)
 
 
-def test_api_async_session_enqueues_after_commit(celery_worker: Any, pg_session: Session) -> None:
-    """The API's path: an async session, the one sync implementation through run_sync, and
-    the task sent when the async unit of work commits (never before)."""
+def test_api_async_session_enqueue_sends_while_committing(
+    celery_worker: Any, pg_session: Session
+) -> None:
+    """The API's path: an async session, the one sync implementation through run_sync. On
+    PostgreSQL the send starts as soon as the rows are written (under the enqueue lock),
+    and the commit returns once it is done."""
     import asyncio
 
     from flowbuilder.platform import db
@@ -299,17 +303,56 @@ def test_api_async_session_enqueues_after_commit(celery_worker: Any, pg_session:
     user = make_user(pg_session, credits=10)
     wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
     pg_session.commit()
-    sent_while_open: list[bool] = []
+    seen_while_open: list[Any] = []
+    finished: list[uuid.UUID] = []
     original = tasks_execution.send_execution
 
     async def scenario() -> uuid.UUID:
         async with db.get_session() as session:
             ex = await db.run_sync(session, enqueue_execution, workflow_id=wf.id, user_id=user.id)
-            sent_while_open.append(bool(session.sync_session.info.get("flowbuilder.pending_sends")))
+            seen_while_open.append(
+                [i for i, _f in session.sync_session.info.get("flowbuilder.early_sends", [])]
+            )
+            seen_while_open.append(session.sync_session.info.get("flowbuilder.pending_sends"))
+        # The commit waited for the send.
+        assert finished == [ex.id]
         await db.get_async_engine().dispose()
         return ex.id
 
+    def recording(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.2)  # still sending when the caller commits
+        original(execution_id, *args, **kwargs)
+        finished.append(execution_id)
+
+    tasks_execution.send_execution = recording
+    try:
+        execution_id = asyncio.run(scenario())
+    finally:
+        tasks_execution.send_execution = original
+    assert seen_while_open == [[execution_id], None]
+    done = wait_done(pg_session, execution_id)
+    assert done.status == ExecutionStatus.COMPLETED
+
+
+def _queue_empty(settings: Any) -> bool:
+    attrs = sqs.queue_attributes(_queue_url(settings))
+    return attrs["ApproximateNumberOfMessages"] == "0" and (
+        attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+    )
+
+
+def test_rolled_back_enqueue_never_runs(
+    celery_worker: Any, worker_settings: Any, pg_session: Session
+) -> None:
+    """Its message may be out already (sent while the transaction was open): the worker
+    finds no row once the transaction has ended, and drops it. Nothing is recorded."""
+    from flowbuilder.tasks import execution as tasks_execution
+
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
     calls: list[Any] = []
+    original = tasks_execution.send_execution
 
     def recording(*args: Any, **kwargs: Any) -> None:
         calls.append(args)
@@ -317,39 +360,24 @@ def test_api_async_session_enqueues_after_commit(celery_worker: Any, pg_session:
 
     tasks_execution.send_execution = recording
     try:
-        execution_id = asyncio.run(scenario())
-    finally:
-        tasks_execution.send_execution = original
-    # Queued, not sent, while the transaction was open; sent once after the commit.
-    assert sent_while_open == [True] and [c[0] for c in calls] == [execution_id]
-    done = wait_done(pg_session, execution_id)
-    assert done.status == ExecutionStatus.COMPLETED
-
-
-def test_rolled_back_enqueue_sends_nothing(worker_settings: Any, pg_session: Session) -> None:
-    from flowbuilder.tasks import execution as tasks_execution
-
-    user = make_user(pg_session, credits=10)
-    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
-    pg_session.commit()
-    calls: list[Any] = []
-    original = tasks_execution.send_execution
-    tasks_execution.send_execution = lambda *a, **k: calls.append(a)
-    try:
-        enqueue_execution(pg_session, wf.id, user.id)
+        execution_id = enqueue_execution(pg_session, wf.id, user.id).id
+        time.sleep(1.0)  # the worker has the message and waits for this transaction
         pg_session.rollback()
         pg_session.commit()  # a later commit must not send the rolled-back execution
     finally:
         tasks_execution.send_execution = original
-    assert calls == []
+    assert [c[0] for c in calls] == [execution_id]
+    wait_for(lambda: _queue_empty(worker_settings), 15)  # received, dropped, deleted
     assert pg_session.exec(select(WorkflowExecution)).all() == []
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 10
 
 
-def test_enqueue_in_a_savepoint_sends_only_at_the_outer_commit(
-    worker_settings: Any, pg_session: Session
+def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
+    celery_worker: Any, worker_settings: Any, pg_session: Session
 ) -> None:
-    """Releasing a SAVEPOINT fires SQLAlchemy's after_commit too; the send must still wait
-    for the outer commit (a worker must never get an id whose row it cannot see)."""
+    """Releasing a SAVEPOINT fires SQLAlchemy's after_commit too; only the outer commit
+    makes the execution visible (and ends the wait for the send). One enqueue whose
+    SAVEPOINT is rolled back is dropped by the worker; the other runs."""
     from flowbuilder.tasks import execution as tasks_execution
 
     user = make_user(pg_session, credits=10)
@@ -357,15 +385,31 @@ def test_enqueue_in_a_savepoint_sends_only_at_the_outer_commit(
     pg_session.commit()
     calls: list[Any] = []
     original = tasks_execution.send_execution
-    tasks_execution.send_execution = lambda *a, **k: calls.append(a)
+
+    def recording(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        original(*args, **kwargs)
+
+    tasks_execution.send_execution = recording
     try:
+        with pytest.raises(RuntimeError), pg_session.begin_nested():
+            lost = enqueue_execution(pg_session, wf.id, user.id).id
+            raise RuntimeError("the caller's own error")
         with pg_session.begin_nested():
-            execution = enqueue_execution(pg_session, wf.id, user.id)
-        assert calls == []  # the savepoint is released, the transaction still open
+            kept = enqueue_execution(pg_session, wf.id, user.id).id
+        time.sleep(0.5)
+        with db.get_engine().connect() as other:  # not visible before the commit
+            seen = other.execute(
+                sa.select(WorkflowExecution.id).where(WorkflowExecution.id == kept)
+            ).all()
+        assert seen == []
         pg_session.commit()
     finally:
         tasks_execution.send_execution = original
-    assert [c[0] for c in calls] == [execution.id]
+    assert sorted(c[0] for c in calls) == sorted([lost, kept])
+    assert wait_done(pg_session, kept).status == ExecutionStatus.COMPLETED
+    wait_for(lambda: _queue_empty(worker_settings), 15)
+    assert [e.id for e in pg_session.exec(select(WorkflowExecution)).all()] == [kept]
 
 
 def test_redrive_policy_moves_a_poison_message_to_the_dead_letter_queue(

@@ -65,8 +65,9 @@ def data_error_message(exc: DataError) -> str:
 
 
 def pipelines(connection: Connection) -> bool:
-    """Whether ``connection``'s driver can send statements in a batch (psycopg 3)."""
-    return connection.dialect.driver == "psycopg"
+    """Whether ``connection``'s driver can send statements in a batch (psycopg 3, sync:
+    the async connection under an AsyncSession has an async pipeline)."""
+    return connection.dialect.driver == "psycopg" and not connection.dialect.is_async
 
 
 _COMPILED: dict[tuple[int, str], Any] = {}
@@ -122,6 +123,21 @@ def in_batch(connection: Connection) -> bool:
 def send_command(connection: Connection, command: str) -> None:
     """A statement without parameters or result (BEGIN, COMMIT) on the driver's cursor."""
     _execute(connection, connection.connection.driver_connection.cursor(), command, None)
+
+
+def first_row(connection: Connection, statement: str, params: dict[str, Any]) -> Any:
+    """The first row of a driver-level ``statement`` (psycopg's ``%(name)s`` parameters).
+
+    On psycopg it goes in a batch: when it is the transaction's first statement, the BEGIN
+    the driver sends before it travels with it, one round trip instead of two."""
+    if not pipelines(connection):
+        return connection.exec_driver_sql(statement, params).first()
+    driver = connection.connection.driver_connection
+    with driver_errors(connection):
+        cursor = driver.cursor()
+        with driver.pipeline():
+            _execute(connection, cursor, statement, params)
+        return cursor.fetchone()
 
 
 def _execute(connection: Connection, cursor: Any, statement: str, params: Any) -> None:

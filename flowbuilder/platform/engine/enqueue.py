@@ -1,16 +1,24 @@
 """The API side of the engine: check and record a new execution, or cancel one.
 
-No Celery here: the caller's unit of work commits, and only then is the task sent
-(``flowbuilder.tasks.execution.send_after_commit``).
+No Celery here: the caller's unit of work commits, and the task layer sends the message
+(``flowbuilder.tasks.execution``). On SQLite it is sent after the commit. On PostgreSQL it
+may leave as soon as the rows are written, while the caller is still committing (the
+send is most of an enqueue's time, and mostly a wait): the transaction that wrote them
+holds an advisory lock on the execution until it ends (:func:`enqueue_lock`), and a
+worker that finds no row waits for that lock before it looks again (``engine.run``). So
+a worker still never runs what was not committed, and a rolled-back execution is never
+run: its message finds no row and is dropped.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +35,7 @@ from flowbuilder.platform.crud import (
     rate_limit_crud,
     workflow_crud,
 )
-from flowbuilder.platform.crud._sql import data_error_message
+from flowbuilder.platform.crud._sql import data_error_message, first_row
 from flowbuilder.platform.errors import (
     Conflict,
     InsufficientCredits,
@@ -63,6 +71,17 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger(__name__)
 
+# The advisory lock an enqueue's transaction holds on its execution until it ends
+# (PostgreSQL's two-key form: this class, then 32 bits of the execution id). Another lock
+# user picks another class; two executions sharing 32 bits only wait for each other's
+# commit, which is harmless.
+ENQUEUE_LOCK_CLASS = 0x466C6F77  # "Flow"
+
+
+def enqueue_lock(execution_id: uuid.UUID) -> tuple[int, int]:
+    """The (class, key) of ``execution_id``'s enqueue lock (``pg_advisory_xact_lock``)."""
+    return ENQUEUE_LOCK_CLASS, int.from_bytes(execution_id.bytes[:4], "big", signed=True)
+
 
 # The rules a cron fire shares with a manual run (``scheduling.fire_due`` applies them to
 # a batch): one counter per user, guests stricter, expired guests refused.
@@ -89,8 +108,14 @@ def prepare_execution(
     trigger: TriggerType = TriggerType.MANUAL,
     inputs: dict[str, Any] | None = None,
     correlation_id: str | None = None,
+    on_written: Callable[[uuid.UUID], None] | None = None,
 ) -> WorkflowExecution:
     """Checks and records a new execution (pending, with its planned phases).
+
+    ``on_written(execution_id)`` is called on PostgreSQL once every check has held and the
+    rows are written, before anything else: from then on, until the caller's transaction
+    ends, that transaction holds the execution's :func:`enqueue_lock`. (The task layer
+    starts the SQS send there.) Never called on SQLite, or when a check refuses.
 
     In order: ownership and a published, valid definition (NotFound, Conflict,
     ValidationFailed); the rate limit (RateLimited); the balance covers the plan
@@ -118,7 +143,10 @@ def prepare_execution(
     postgres = connection.dialect.name == "postgresql"
     now = utcnow()
     key = enqueue_limit_key(user_id)
-    execution = WorkflowExecution(
+    # The row's values; the ORM object is made from them once the row is written (on
+    # PostgreSQL after ``on_written``: making one costs as much as the statement's wait).
+    execution: Any = _NewExecution(
+        id=uuid.uuid4(),
         user_id=user_id,
         workflow_id=workflow_id,
         trigger=trigger,
@@ -126,10 +154,12 @@ def prepare_execution(
         correlation_id=correlation_id,
         created_at=now,
     )
-    # Sent after commit; the sweep re-sends it if it is still pending this much later.
+    # Sent now; the sweep re-sends it if it is still pending this much later.
     execution_crud.mark_sent(
         execution=execution, resend_after_seconds=settings.SWEEP_PENDING_AFTER_SECONDS, now=now
     )
+    if not postgres:
+        execution = WorkflowExecution(**dataclasses.asdict(execution))
     try:
         if postgres:
             # One statement when this process knows the workflow's published version: the
@@ -157,6 +187,8 @@ def prepare_execution(
         if count is not None and expected is not None:
             # Every check held and the rows are written, unless past the rate limit.
             check_count(count=count)
+            if on_written is not None:
+                on_written(execution.id)
             version = expected[1]
         else:
             status = WorkflowStatus(status)
@@ -189,6 +221,8 @@ def prepare_execution(
                 check_count(
                     count=_write_postgres(connection, execution, version, key, limit, settings, now)
                 )
+                if on_written is not None:
+                    on_written(execution.id)
             else:
                 hit()
                 connection.execute(_INSERT_EXECUTION, _execution_row(execution))
@@ -200,6 +234,8 @@ def prepare_execution(
         # Checked above, so this is a gap in the checks; still the caller's input, and
         # never a raw driver error. The caller's unit of work rolls back: nothing recorded.
         raise ValidationFailed([data_error_message(exc)]) from exc
+    if isinstance(execution, _NewExecution):
+        execution = WorkflowExecution(**dataclasses.asdict(execution))
     # The object stands for the row just written: in the session like a flushed one (the
     # identity map, no further INSERT), with nothing left to load.
     make_transient_to_detached(execution)
@@ -213,6 +249,23 @@ def prepare_execution(
         credits=version.plan.total_credits,
     )
     return execution
+
+
+@dataclass(slots=True)
+class _NewExecution:
+    """The values of the execution row an enqueue writes (WorkflowExecution's defaults
+    for the rest)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    workflow_id: uuid.UUID
+    trigger: TriggerType
+    inputs: dict[str, Any] | None
+    correlation_id: str | None
+    created_at: datetime
+    workflow_version_id: uuid.UUID | None = None
+    enqueued_at: datetime | None = None
+    resend_after: datetime | None = None
 
 
 # ------------------------------------------------------------------ the statements
@@ -254,6 +307,8 @@ _INSERT_PHASE = sa.insert(ExecutionPhase.__table__)
 
 # PostgreSQL. The write: the rate-limit hit (the same upsert as rate_limit_crud.hit),
 # then the execution and its phases only if the hit is within the limit: one round trip.
+# The execution's row comes from a join with the enqueue lock: written, it is locked (the
+# lock is taken whenever the row is, and held until the transaction ends).
 # The phase rows come from arrays (one parameter per column whatever the phase count,
 # rendered once per version); their ids are made by the server (version 4 UUIDs, like
 # uuid.uuid4()). Data-modifying CTEs always run to completion, read or not.
@@ -268,7 +323,9 @@ execution AS (
         %(status)s::varchar, %(trigger)s::varchar, %(inputs)s::jsonb, 0,
         %(correlation_id)s::varchar, false, 0, %(created_at)s, %(enqueued_at)s,
         %(resend_after)s
-    FROM {source}
+    FROM {tables},
+        LATERAL (SELECT pg_advisory_xact_lock(%(lock_class)s::int, %(lock_key)s::int)) AS locked
+    WHERE {condition}
     RETURNING id
 ), phases AS (
     INSERT INTO execution_phase (
@@ -291,7 +348,7 @@ _WRITE_POSTGRES = (
     "WITH hit AS (\n"
     + _HIT.format(gate="")
     + "\n), "
-    + _EXECUTION_AND_PHASES.format(source="hit WHERE hit.count <= %(limit)s::int")
+    + _EXECUTION_AND_PHASES.format(tables="hit", condition="hit.count <= %(limit)s::int")
     + "\nSELECT count FROM hit"
 )
 # The enqueue in one statement: what _READ reads, and the write above gated on every
@@ -327,8 +384,9 @@ WITH ctx AS (
     )
     + "\n), "
     + _EXECUTION_AND_PHASES.format(
-        source="hit, ctx WHERE hit.count <= "
-        "CASE WHEN ctx.is_guest THEN %(guest_limit)s::int ELSE %(user_limit)s::int END"
+        tables="hit, ctx",
+        condition="hit.count <= "
+        "CASE WHEN ctx.is_guest THEN %(guest_limit)s::int ELSE %(user_limit)s::int END",
     )
     + """
 SELECT ctx.status, ctx.published_version, ctx.version_id, ctx.is_guest, ctx.credits,
@@ -339,13 +397,16 @@ _NO_PHASES = {"numbers": "{}", "node_ids": "{}", "node_types": "{}", "credits": 
 
 
 def _write_params(
-    execution: WorkflowExecution,
+    execution: _NewExecution,
     version: _Version | None,
     key: str,
     settings: Settings,
     now: datetime,
 ) -> dict[str, Any]:
+    lock_class, lock_key = enqueue_lock(execution.id)
     return {
+        "lock_class": lock_class,
+        "lock_key": lock_key,
         "hit_id": uuid.uuid4(),
         "key": key,
         "window_start": rate_limit_crud.window_start(now, settings.RATE_LIMIT_WINDOW_SECONDS),
@@ -368,7 +429,7 @@ def _write_params(
 
 def _enqueue_postgres(
     connection: sa.Connection,
-    execution: WorkflowExecution,
+    execution: _NewExecution,
     expected: tuple[uuid.UUID, _Version] | None,
     key: str,
     settings: Settings,
@@ -386,7 +447,7 @@ def _enqueue_postgres(
         guest_limit=enqueue_limit(settings, is_guest=True),
         user_limit=enqueue_limit(settings, is_guest=False),
     )
-    row = connection.exec_driver_sql(_ENQUEUE_POSTGRES, params).first()
+    row = first_row(connection, _ENQUEUE_POSTGRES, params)
     if row is None:
         return None, None
     return tuple(row[:6]), row[6]
@@ -394,7 +455,7 @@ def _enqueue_postgres(
 
 def _write_postgres(
     connection: sa.Connection,
-    execution: WorkflowExecution,
+    execution: _NewExecution,
     version: _Version,
     key: str,
     limit: int,
@@ -404,7 +465,7 @@ def _write_postgres(
     """The hit, the execution and its phases (these only within the limit): the count."""
     params = _write_params(execution, version, key, settings, now)
     params["limit"] = limit
-    return connection.exec_driver_sql(_WRITE_POSTGRES, params).scalar_one()
+    return first_row(connection, _WRITE_POSTGRES, params)[0]
 
 
 def _execution_row(execution: WorkflowExecution) -> dict[str, Any]:

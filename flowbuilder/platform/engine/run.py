@@ -48,6 +48,7 @@ from flowbuilder.platform.crud import (
 )
 from flowbuilder.platform.crud._sql import driver_errors, send_command, send_statement
 from flowbuilder.platform.db import get_engine, idle_and_quiet, unit_of_work
+from flowbuilder.platform.engine.enqueue import enqueue_lock
 from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
 from flowbuilder.platform.engine.state import Outcome, RunResult, RunState, is_time_limit
@@ -215,6 +216,37 @@ class _RunConnection:
         with self._session() as session:
             yield session
             session.commit()
+
+    def wait_for_enqueue(self, execution_id: uuid.UUID) -> bool:
+        """PostgreSQL: wait until no transaction holds ``execution_id``'s enqueue lock
+        (:func:`~flowbuilder.platform.engine.enqueue.enqueue_lock`), at most
+        ``ENQUEUE_COMMIT_WAIT_SECONDS``. True when it is free, so a row written by that
+        transaction is committed or gone for good; False on SQLite (an enqueue is sent
+        after its commit there) and when the wait ran out. Then the message is dropped as
+        missing: if that enqueue commits after all, the sweep sends its run again."""
+        if self.engine.dialect.name != "postgresql":
+            return False
+        lock_class, lock_key = enqueue_lock(execution_id)
+        started = time.monotonic()
+        try:
+            with self.unit() as s:
+                conn = s.connection()
+                conn.exec_driver_sql(
+                    f"SET LOCAL lock_timeout = '{int(ENQUEUE_COMMIT_WAIT_SECONDS * 1000)}ms'"
+                )
+                conn.exec_driver_sql(
+                    "SELECT pg_advisory_xact_lock(%(c)s, %(k)s)", {"c": lock_class, "k": lock_key}
+                )
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            logger.warning(
+                "execution_not_committed",
+                execution_id=str(execution_id),
+                waited_seconds=round(time.monotonic() - started, 3),
+            )
+            return False
+        return True
 
     def claim(
         self, execution_id: uuid.UUID, owner: str, lease: float
@@ -455,6 +487,10 @@ def _abandon(s: Session, execution: WorkflowExecution | execution_crud.Claimed, 
 # whose version is gone. ExecutionPlan is immutable and resolve_inputs copies its static
 # inputs and defaults, so runs can share one. Bounded: oldest dropped first.
 _PLAN_CACHE_SIZE = 256
+# How long a worker that finds no row waits for an enqueue still committing (an API
+# transaction is milliseconds; one still open after this is not going to be run now).
+ENQUEUE_COMMIT_WAIT_SECONDS = 10.0
+_LOCK_NOT_AVAILABLE = "55P03"
 _plans: collections.OrderedDict[uuid.UUID, Any] = collections.OrderedDict()
 _plans_lock = threading.Lock()
 
@@ -477,6 +513,25 @@ def _remember_plan(version_id: uuid.UUID, plan: Any) -> None:
             _plans.popitem(last=False)
 
 
+def _not_claimed(db: _RunConnection, execution_id: uuid.UUID, lease: float) -> RunResult:
+    """Why the claim was not taken: no row, ended, or a live lease held by another."""
+    with db.unit() as s:
+        row = s.get(WorkflowExecution, execution_id)
+        if row is None:
+            return RunResult(Outcome.MISSING, error="no such execution")
+        if row.status.is_terminal:
+            return RunResult(Outcome.ALREADY_DONE)
+        remaining = lease
+        if row.lease_expires_at is not None:
+            remaining = max(0.5, (row.lease_expires_at - utcnow()).total_seconds())
+        if row.started_at is not None:
+            elapsed = (utcnow() - row.started_at).total_seconds()
+            if elapsed > get_settings().EXECUTION_MAX_TOTAL_SECONDS + 2 * lease:
+                # Past every run's bound: do not come back (see _exhausted).
+                remaining = 0.0
+        return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
+
+
 def _claim(
     db: _RunConnection, execution_id: uuid.UUID, owner: str, lease: float
 ) -> RunState | RunResult:
@@ -490,21 +545,14 @@ def _claim(
     # its row read back, with its phases. Why it was not taken is read only when it was not.
     execution, phases = db.claim(execution_id, owner, lease)
     if execution is None:
-        with db.unit() as s:
-            row = s.get(WorkflowExecution, execution_id)
-            if row is None:
-                return RunResult(Outcome.MISSING, error="no such execution")
-            if row.status.is_terminal:
-                return RunResult(Outcome.ALREADY_DONE)
-            remaining = lease
-            if row.lease_expires_at is not None:
-                remaining = max(0.5, (row.lease_expires_at - utcnow()).total_seconds())
-            if row.started_at is not None:
-                elapsed = (utcnow() - row.started_at).total_seconds()
-                if elapsed > get_settings().EXECUTION_MAX_TOTAL_SECONDS + 2 * lease:
-                    # Past every run's bound: do not come back (see _exhausted).
-                    remaining = 0.0
-            return RunResult(Outcome.LEASE_HELD, retry_after=remaining)
+        result = _not_claimed(db, execution_id, lease)
+        if result.outcome != Outcome.MISSING or not db.wait_for_enqueue(execution_id):
+            return result
+        # The enqueue had not committed when the claim looked (its message may leave
+        # before the commit: see engine.enqueue); its transaction has ended now.
+        execution, phases = db.claim(execution_id, owner, lease)
+        if execution is None:
+            return _not_claimed(db, execution_id, lease)
     settings = get_settings()
     ended = _exhausted(execution, settings)
     if ended is not None:
