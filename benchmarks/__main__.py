@@ -218,6 +218,15 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                         _r(d[f"ratio_to_bare_{label}"]),
                     )
                 )
+                if f"short_worker_ratio_to_bare_{label}" in d:
+                    out.append(
+                        (
+                            f"  drain by worker-short (prefetch 4) vs bare {label} (/s)",
+                            f"no-op {_r(value, '.1f')}",
+                            _r(d["short_worker_runs_per_s"], ".1f"),
+                            _r(d[f"short_worker_ratio_to_bare_{label}"]),
+                        )
+                    )
         k = w["wake_after_busy"]
         out.append(
             (

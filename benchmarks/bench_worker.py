@@ -385,12 +385,33 @@ def measure_drain(
     transport_options: dict[str, Any] | None = None,
     prefetch: int | None = None,
     bare_options: list[tuple[str, dict | None, int | None, str | None]] | None = None,
+    short_worker: bool = False,
 ) -> dict:
     """``runs`` runs queued while no worker runs, then a worker started: runs per second
-    from the first start to the last completion. Fresh queues and workers every round."""
-    proj, base = [], []
+    from the first start to the last completion. Fresh queues and workers every round.
+
+    The project's worker is a default one (both queues, prefetch 1); with
+    ``short_worker`` also the Procfile's ``worker-short`` (the short-run queue only,
+    prefetch 4), where these one-phase runs are routed."""
+    from flowbuilder.tasks.app import SHORT_EXECUTIONS_QUEUE
+
+    proj, base, short = [], [], []
     extra: dict[str, list[float]] = {}
     for _ in range(rounds):
+        if short_worker:
+            with session(svc, project_worker=False, bare_worker=False, warm=False) as (
+                project,
+                _b,
+                _,
+            ):
+                wf = project.workflow("one", json_definition(1))
+                ids = [project.enqueue(wf)[0] for _ in range(runs)]
+                with Worker(
+                    svc, "project", _current_prefix(), prefetch=4, queue=SHORT_EXECUTIONS_QUEUE
+                ):
+                    rows = project.wait_done(ids)
+                first = min(r[1].timestamp() for r in rows)
+                short.append((runs - 1) / (max(r[2].timestamp() for r in rows) - first))
         with session(svc, project_worker=False, bare_worker=False, warm=False) as (
             project,
             bare,
@@ -442,6 +463,12 @@ def measure_drain(
         result[f"ratio_to_bare_{label}"] = summary(
             [a / b for a, b in zip(proj, values, strict=True)]
         )
+        if short:
+            result[f"short_worker_ratio_to_bare_{label}"] = summary(
+                [a / b for a, b in zip(short, values, strict=True)]
+            )
+    if short:
+        result["short_worker_runs_per_s"] = summary(short)
     return result
 
 
@@ -807,6 +834,7 @@ def run(svc: Services, *, quick: bool, log: Callable[[str], None] = print) -> di
         svc,
         runs=runs,
         rounds=1 if quick else 3,
+        short_worker=True,
         bare_options=None
         if quick
         else [

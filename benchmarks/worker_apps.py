@@ -49,6 +49,8 @@ def _bare_config() -> dict[str, Any]:
     config = celery_config(get_settings())
     config["task_default_queue"] = BARE_QUEUE
     config["task_routes"] = {"bench.*": {"queue": BARE_QUEUE}}
+    # Its one queue only (the project's app declares its two execution queues).
+    config.pop("task_queues", None)
     config.pop("beat_schedule", None)
     # Stock Celery and kombu: the project's SQS channel (poison messages, batched
     # acknowledgements) and its consumer are the project's code, measured on its side.

@@ -54,7 +54,7 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
         ],
         "phase_overhead_large_outputs": ["chain_ms_per_step", "project_total_s"],
         "throughput": ["project_runs_per_s", "bare_tasks_per_s", "ratio"],
-        "drain": ["project_runs_per_s", "bare_tasks_per_s", "ratio"],
+        "drain": ["project_runs_per_s", "bare_tasks_per_s", "ratio", "short_worker_runs_per_s"],
         "wake_after_busy": ["project_ms", "bare_ms"],
         "phase_sql": [
             "project_ms_per_phase",

@@ -30,8 +30,18 @@ PROCFILE = ROOT / "Procfile"
 PROCFILE_DEV = ROOT / "Procfile.dev"
 PYPROJECT = ROOT / "pyproject.toml"
 
-APP_SERVICES = ("migrate", "worker", "beat", "flower")
-CELERY_SERVICES = ("worker", "beat", "flower")
+APP_SERVICES = ("migrate", "worker", "worker-short", "beat", "flower")
+CELERY_SERVICES = ("worker", "worker-short", "beat", "flower")
+SHORT_WORKER = [
+    "celery",
+    "-A",
+    "flowbuilder.tasks",
+    "worker",
+    "--loglevel=INFO",
+    "--hostname=worker-short@%h",
+    "--queues=executions-short",
+    "--prefetch-multiplier=4",
+]
 # Throwaway values that only work against the containers of the compose file itself.
 LOCAL_DUMMIES = {"testing", "postgres"}
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET|SALT|TOKEN|KEY)$", re.I)
@@ -133,6 +143,14 @@ def test_compose_commands(services: dict[str, Any]) -> None:
     assert worker[:4] == ["celery", "-A", "flowbuilder.tasks", "worker"]
     assert "--loglevel=INFO" in worker
     assert "--hostname=worker@%h" in worker
+    # Every queue (no -Q), one message per process at a time.
+    assert not any(a.startswith(("-Q", "--queues", "--prefetch")) for a in worker)
+    assert _argv(services["worker-short"]["command"]) == SHORT_WORKER
+    from flowbuilder.tasks.app import SHORT_EXECUTIONS_QUEUE, app
+
+    # The queue the app routes short runs to, and one a default worker reads too.
+    assert f"--queues={SHORT_EXECUTIONS_QUEUE}" in SHORT_WORKER
+    assert SHORT_EXECUTIONS_QUEUE in {q.name for q in app.conf.task_queues}
     beat = _argv(services["beat"]["command"])
     assert beat[:4] == ["celery", "-A", "flowbuilder.tasks", "beat"]
     assert "-S" not in beat and not any(a.startswith("--scheduler") for a in beat)
@@ -170,7 +188,7 @@ def test_celery_services_share_the_env_anchor(
     text = COMPOSE.read_text(encoding="utf-8")
     assert re.search(r"^x-flowbuilder-env: &\S+", text, re.M)
     shared = {k: str(v) for k, v in compose["x-flowbuilder-env"].items()}
-    for name in ("migrate", "worker", "beat"):
+    for name in ("migrate", "worker", "worker-short", "beat"):
         assert _env(services[name]) == shared, name
     # Flower: the same, plus its authentication (never in the other containers).
     flower = _env(services["flower"])
@@ -193,6 +211,8 @@ def test_healthchecks_on_every_long_running_service(services: dict[str, Any]) ->
     # (`$$` is compose's escape for the shell's `$`).
     assert "celery -A flowbuilder.tasks inspect ping" in worker
     assert "-d worker@$${HOSTNAME}" in worker
+    short = " ".join(_argv(services["worker-short"]["healthcheck"]["test"]))
+    assert "-d worker-short@$${HOSTNAME}" in short
     beat = _argv(services["beat"]["healthcheck"]["test"])
     assert beat[1:] == ["python", "-m", "flowbuilder.tasks.health", "beat"]
     flower = " ".join(_argv(services["flower"]["healthcheck"]["test"]))
@@ -301,6 +321,7 @@ def test_procfile_processes() -> None:
     assert processes == {
         "release": "flowbuilder db upgrade && flowbuilder sqs ensure-queues",
         "worker": "celery -A flowbuilder.tasks worker --loglevel=INFO --hostname=worker@%h",
+        "worker-short": " ".join(SHORT_WORKER),
         "beat": "celery -A flowbuilder.tasks beat --loglevel=INFO",
         "flower": "celery -A flowbuilder.tasks flower --port=$PORT",
     }
@@ -312,7 +333,7 @@ def test_procfile_dev_runs_with_honcho_without_release() -> None:
     from honcho.environ import parse_procfile
 
     dev = parse_procfile(PROCFILE_DEV.read_text(encoding="utf-8")).processes
-    assert set(dev) == {"worker", "beat", "flower"}
+    assert set(dev) == {"worker", "worker-short", "beat", "flower"}
     production = _procfile()
     for name, command in dev.items():
         assert command == production[name], name
@@ -322,7 +343,7 @@ def test_procfile_dev_runs_with_honcho_without_release() -> None:
 def test_procfile_celery_modules_exist() -> None:
     import flowbuilder.tasks
 
-    for name in ("worker", "beat", "flower"):
+    for name in ("worker", "worker-short", "beat", "flower"):
         app = _check_celery_command(shlex.split(_procfile()[name]))
         assert app is flowbuilder.tasks.app is flowbuilder.tasks.celery
 

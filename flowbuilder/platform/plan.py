@@ -161,6 +161,21 @@ class ExecutionPlan:
         except KeyError:
             raise PlanError(f"no node {node_id!r} in the plan") from None
 
+    def worst_case_seconds(self) -> float:
+        """The longest this plan can run: phases one after another, each as long as its
+        slowest node with every attempt timing out (the engine's half-second grace per
+        attempt included) and the back-offs between attempts. What a run really takes is
+        usually far less; this bounds it (the execution budget bounds it too)."""
+        total = 0.0
+        for phase in self.phases:
+            longest = 0.0
+            for node in phase:
+                attempts = 1 + (node.max_retries if node.retryable else 0)
+                backoffs = sum(node.retry_backoff_seconds * 2**k for k in range(attempts - 1))
+                longest = max(longest, attempts * (node.timeout_seconds + 0.5) + backoffs)
+            total += longest
+        return total
+
     def phase_credits(self, number: int) -> int:
         return sum(node.credits for node in self.phases[number - 1])
 

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)
     LEASE_SECONDS: float = Field(default=60, gt=0)
     SWEEP_PENDING_AFTER_SECONDS: float = Field(default=300, gt=0)
+    # A run whose plan cannot take longer than this (ExecutionPlan.worst_case_seconds,
+    # capped by EXECUTION_TIMEOUT_SECONDS) is sent to the short-run queue, which workers
+    # may consume with a deeper prefetch: a prefetched message then waits behind short
+    # runs only (README, Performance). 0: every run goes to the executions queue.
+    SHORT_RUN_MAX_SECONDS: float = Field(default=60, ge=0)
     PHASE_OUTPUT_MAX_BYTES: int = Field(default=256 * 1024, ge=1024)
     # Node outputs nested deeper than this fail the node (nothing downstream could use
     # them, and deep values crash recursive encoders).

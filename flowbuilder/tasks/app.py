@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery, signals
+from kombu import Queue
 from kombu import pools as kombu_pools
 
 from flowbuilder.platform import db
@@ -23,6 +24,10 @@ from flowbuilder.tasks.monitor import MonitoredCelery, monitor_transport_options
 from flowbuilder.tasks.sqs_transport import CONSUMER, TRANSPORT
 
 EXECUTIONS_QUEUE = "executions"
+# Runs that cannot take longer than SHORT_RUN_MAX_SECONDS (routed at enqueue). Every worker
+# consumes both queues by default; one started with `-Q executions-short` and a deeper
+# prefetch drains a backlog of short runs faster (Procfile: worker-short).
+SHORT_EXECUTIONS_QUEUE = "executions-short"
 # The header that carries the API's correlation id into the worker's log lines.
 # (Celery's own ``correlation_id`` is the task id, so it cannot be reused.)
 CORRELATION_HEADER = logcontext.HEADERS["correlation_id"]
@@ -34,6 +39,14 @@ def queue_name(settings: Settings, name: str) -> str:
 
 def dead_letter_queue_name(settings: Settings) -> str:
     return queue_name(settings, f"{EXECUTIONS_QUEUE}-dlq")
+
+
+def execution_queue_for(settings: Settings, worst_case_seconds: float) -> str:
+    """The queue of a run that can take at most ``worst_case_seconds``."""
+    longest = min(worst_case_seconds, settings.EXECUTION_TIMEOUT_SECONDS)
+    if settings.SHORT_RUN_MAX_SECONDS > 0 and longest <= settings.SHORT_RUN_MAX_SECONDS:
+        return SHORT_EXECUTIONS_QUEUE
+    return EXECUTIONS_QUEUE
 
 
 def broker_url(settings: Settings) -> str:
@@ -89,10 +102,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # the prefetch window has room for. A window of 4 drains a backlog of short
             # runs faster (measured 2026-11-27: 200 one-phase runs, 88 against 61 runs/s),
             # but with late acks it holds up to 4 messages per process invisible behind
-            # a long run while another worker is idle, and a run's length is not known
-            # before it runs. Short and long workflows share one queue and this setting;
-            # a deployment whose runs are all short can start its workers with
-            # --prefetch-multiplier 4 (README, Performance).
+            # a long run while another worker is idle. So short runs (known short from
+            # their plan, SHORT_RUN_MAX_SECONDS) have a queue of their own, which workers
+            # started with `-Q executions-short --prefetch-multiplier 4` drain (Procfile:
+            # worker-short); a default worker consumes both queues with a window of 1.
         }
         if settings.SQS_ENDPOINT_URL:
             options["is_secure"] = settings.SQS_ENDPOINT_URL.startswith("https://")
@@ -151,6 +164,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "task_default_queue": EXECUTIONS_QUEUE,
         "task_routes": {"flowbuilder.*": {"queue": EXECUTIONS_QUEUE}},
+        # What a worker consumes unless told otherwise (-Q): both queues. Short runs are
+        # sent to theirs explicitly (send_execution); everything else goes to the default.
+        "task_queues": [
+            Queue(EXECUTIONS_QUEUE, routing_key=EXECUTIONS_QUEUE),
+            Queue(SHORT_EXECUTIONS_QUEUE, routing_key=SHORT_EXECUTIONS_QUEUE),
+        ],
         # Events and remote control travel on the monitoring channel (Redis), never on
         # SQS; see flowbuilder/tasks/monitor.py.
         "worker_send_task_events": True,
@@ -304,10 +323,15 @@ def _clear_task_context(**_: Any) -> None:
 
 
 def ensure_execution_queues(settings: Settings | None = None) -> dict[str, str]:
-    """Create or update the executions queue and its dead-letter queue on SQS."""
+    """Create or update the execution queues and their (shared) dead-letter queue on SQS."""
     from flowbuilder.platform import sqs
 
     settings = settings or get_settings()
-    return sqs.ensure_queues(
-        queue_name(settings, EXECUTIONS_QUEUE), dead_letter_queue_name(settings), settings=settings
-    )
+    urls: dict[str, str] = {}
+    for name in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE):
+        urls.update(
+            sqs.ensure_queues(
+                queue_name(settings, name), dead_letter_queue_name(settings), settings=settings
+            )
+        )
+    return urls

@@ -28,7 +28,7 @@ from flowbuilder.platform.engine.state import register_time_limit_error
 from flowbuilder.platform.errors import TransientError
 from flowbuilder.platform.models import TriggerType, WorkflowExecution, utcnow
 from flowbuilder.platform.settings import get_settings
-from flowbuilder.tasks.app import CORRELATION_HEADER, app
+from flowbuilder.tasks.app import CORRELATION_HEADER, app, execution_queue_for
 
 logger = structlog.get_logger(__name__)
 
@@ -155,8 +155,15 @@ def resend(
 
 
 def send_execution(
-    execution_id: uuid.UUID, correlation_id: str | None = None, *, countdown: float | None = None
+    execution_id: uuid.UUID,
+    correlation_id: str | None = None,
+    *,
+    countdown: float | None = None,
+    queue: str | None = None,
 ) -> None:
+    """Send the execution's message: to ``queue`` (a short run's, see
+    ``app.execution_queue_for``), else to the executions queue, which every worker reads
+    by default (re-sends from the sweep and for a held lease go there)."""
     headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
     # No time limits in the message: apply_async would stamp the sender's
     # task_time_limit/task_soft_time_limit (the API's settings) into a ``timelimit``
@@ -165,24 +172,31 @@ def send_execution(
         args=[str(execution_id)],
         headers=headers,
         countdown=countdown,
+        queue=queue,
         time_limit=None,
         soft_time_limit=None,
     )
 
 
 def send_after_commit(
-    session: Session, execution_id: uuid.UUID, correlation_id: str | None = None
+    session: Session,
+    execution_id: uuid.UUID,
+    correlation_id: str | None = None,
+    queue: str | None = None,
 ) -> None:
     """Send the task once ``session``'s transaction commits; never if it rolls back.
 
     A worker must never receive an id whose row it cannot see yet, and a rolled-back
     execution must never run.
     """
-    session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id))
+    session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id, queue))
 
 
 def send_while_committing(
-    session: Session, execution_id: uuid.UUID, correlation_id: str | None = None
+    session: Session,
+    execution_id: uuid.UUID,
+    correlation_id: str | None = None,
+    queue: str | None = None,
 ) -> None:
     """Start the send now, in a background thread; the commit waits for it to finish.
 
@@ -197,7 +211,7 @@ def send_while_committing(
 
     def send() -> None:
         started.set()
-        send_execution(execution_id, correlation_id)
+        send_execution(execution_id, correlation_id, queue=queue)
 
     future = _sender().submit(send)
     session.info.setdefault(_EARLY_SENDS, []).append((execution_id, future))
@@ -246,9 +260,9 @@ def _send_pending(session: OrmSession) -> None:
             future.result(timeout=_EARLY_SEND_WAIT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
             _log_send_failure(execution_id, exc)
-    for execution_id, correlation_id in session.info.pop(_PENDING_SENDS, []):
+    for execution_id, correlation_id, queue in session.info.pop(_PENDING_SENDS, []):
         try:
-            send_execution(execution_id, correlation_id)
+            send_execution(execution_id, correlation_id, queue=queue)
         except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
             _log_send_failure(execution_id, exc)
 
@@ -276,12 +290,16 @@ def enqueue_execution(
     Raises NotFound, Conflict (not published), ValidationFailed (bad definition),
     RateLimited or InsufficientCredits; nothing is recorded or sent then.
     """
-    sent: list[uuid.UUID] = []
+    settings = get_settings()
 
-    def send_now(execution_id: uuid.UUID) -> None:
-        # PostgreSQL, the rows written under the enqueue lock: the send overlaps the commit.
-        send_while_committing(session, execution_id, correlation_id)
-        sent.append(execution_id)
+    def send(written: engine.Written) -> None:
+        queue = execution_queue_for(settings, written.worst_case_seconds)
+        if written.locked:
+            # PostgreSQL, the rows written under the enqueue lock: the send overlaps the
+            # caller's commit.
+            send_while_committing(session, written.execution_id, correlation_id, queue)
+        else:
+            send_after_commit(session, written.execution_id, correlation_id, queue)
 
     execution = engine.prepare_execution(
         session=session,
@@ -290,10 +308,8 @@ def enqueue_execution(
         trigger=trigger,
         inputs=inputs,
         correlation_id=correlation_id,
-        on_written=send_now,
+        on_written=send,
     )
-    if not sent:
-        send_after_commit(session, execution.id, correlation_id)
     return execution
 
 

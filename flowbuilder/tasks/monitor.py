@@ -345,21 +345,30 @@ class MonitorPidbox(bootsteps.StartStopStep):
 
 
 def queue_depths(settings: Any = None) -> list[dict[str, Any]]:
-    """Approximate depth of the executions queue and its dead-letter queue on SQS.
+    """Approximate depth of the execution queues and their dead-letter queue on SQS.
 
     One row per queue: name, visible, in_flight, delayed; ``error`` instead when the
     queue cannot be read (missing, SQS unreachable). Empty for a broker that is not SQS.
     """
     from flowbuilder.platform import sqs
     from flowbuilder.platform.settings import get_settings
-    from flowbuilder.tasks.app import EXECUTIONS_QUEUE, dead_letter_queue_name, queue_name
+    from flowbuilder.tasks.app import (
+        EXECUTIONS_QUEUE,
+        SHORT_EXECUTIONS_QUEUE,
+        dead_letter_queue_name,
+        queue_name,
+    )
 
     settings = settings or get_settings()
     if not settings.broker_url.startswith("sqs://"):
         return []
     client = sqs.get_sqs_client(settings)
     rows = []
-    for name in (queue_name(settings, EXECUTIONS_QUEUE), dead_letter_queue_name(settings)):
+    for name in (
+        queue_name(settings, EXECUTIONS_QUEUE),
+        queue_name(settings, SHORT_EXECUTIONS_QUEUE),
+        dead_letter_queue_name(settings),
+    ):
         try:
             url = client.get_queue_url(QueueName=name)["QueueUrl"]
             attrs = client.get_queue_attributes(

@@ -24,7 +24,13 @@ from sqlmodel import Session
 
 from flowbuilder.platform import sqs
 from flowbuilder.platform.models import WorkflowExecution
-from flowbuilder.tasks.app import EXECUTIONS_QUEUE, dead_letter_queue_name, queue_name
+from flowbuilder.tasks.app import (
+    EXECUTIONS_QUEUE,
+    SHORT_EXECUTIONS_QUEUE,
+    dead_letter_queue_name,
+    execution_queue_for,
+    queue_name,
+)
 from tests.tasks.conftest import (  # noqa: F401 - fixtures shared with the worker tests
     WorkerProcess,
     _queues,
@@ -131,9 +137,22 @@ def pool(worker_settings: Any, tmp_path: Path) -> Iterator[Callable[..., Pool]]:
         p.stop()
 
 
-def queue_url(settings: Any, dlq: bool = False) -> str:
-    name = dead_letter_queue_name(settings) if dlq else queue_name(settings, EXECUTIONS_QUEUE)
-    return sqs.get_sqs_client().get_queue_url(QueueName=name)["QueueUrl"]
+def queue_url(settings: Any, dlq: bool = False, name: str | None = None) -> str:
+    """The URL of the queue the scenarios' runs are sent to (their plans are capped by the
+    tests' short execution budget: the short-run queue, unless SHORT_RUN_MAX_SECONDS is
+    0), of queue ``name``, or of the dead-letter queue."""
+    if dlq:
+        full = dead_letter_queue_name(settings)
+    else:
+        full = queue_name(
+            settings, name or execution_queue_for(settings, settings.EXECUTION_TIMEOUT_SECONDS)
+        )
+    return sqs.get_sqs_client().get_queue_url(QueueName=full)["QueueUrl"]
+
+
+def execution_queue_urls(settings: Any) -> list[str]:
+    """Both execution queues (re-sends of a held lease go to the executions queue)."""
+    return [queue_url(settings, name=n) for n in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE)]
 
 
 def queue_depth(url: str) -> int:
@@ -223,11 +242,11 @@ def check_invariants(
         )
     ).scalar_one()
     row.duplicated += int(debited_twice)
-    url, dlq = queue_url(settings), queue_url(settings, dlq=True)
+    urls, dlq = execution_queue_urls(settings), queue_url(settings, dlq=True)
     # Late duplicates (ETA re-sends of lease-held deliveries) drain once their time comes.
     drained = True
     try:
-        wait_for(lambda: queue_depth(url) == 0, 60, 0.5)
+        wait_for(lambda: all(queue_depth(url) == 0 for url in urls), 60, 0.5)
     except AssertionError:
         drained = False
     dead = pool.dead()
@@ -242,7 +261,8 @@ def check_invariants(
     if dead:
         problems.append(f"{len(dead)} workers dead")
     if not drained:
-        problems.append(f"queue not drained ({queue_depth(url)} left)")
+        left = sum(queue_depth(url) for url in urls)
+        problems.append(f"queues not drained ({left} left)")
     allowed = dlq_expected if isinstance(dlq_expected, tuple) else (dlq_expected,)
     if dlq_count not in allowed:
         problems.append(

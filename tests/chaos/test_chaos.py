@@ -27,7 +27,14 @@ from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks import enqueue_execution, sweep_stale_executions
 from flowbuilder.tasks.app import app
 from tests.chaos import crash_node
-from tests.chaos.conftest import ScenarioRow, check_invariants, purge, queue_url, statuses
+from tests.chaos.conftest import (
+    ScenarioRow,
+    check_invariants,
+    execution_queue_urls,
+    purge,
+    queue_url,
+    statuses,
+)
 from tests.factories import make_user, make_workflow
 from tests.pg_cut import terminate_other_backends
 from tests.platform._http_server import local_server
@@ -84,7 +91,8 @@ def sweeper(worker_settings: Any) -> Iterator[list[int]]:
 
 @pytest.fixture(autouse=True)
 def _clean_queues(worker_settings: Any) -> None:
-    purge(queue_url(worker_settings))
+    for url in execution_queue_urls(worker_settings):
+        purge(url)
     purge(queue_url(worker_settings, dlq=True))
 
 

@@ -21,27 +21,26 @@ from flowbuilder.platform.nodes import register_node_type, unregister_node_type
 from flowbuilder.platform.nodes.base import NodeType, PortSpec
 from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks import execution as tasks_execution
-from flowbuilder.tasks.app import EXECUTIONS_QUEUE, app, queue_name
+from flowbuilder.tasks.app import EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE, app, queue_name
 from tests.factories import json_definition, make_user, make_workflow
 from tests.tasks.conftest import execution_status
 
 pytestmark = pytest.mark.integration
 
 
-def _queue_url(settings: Any) -> str:
-    return sqs.get_sqs_client().get_queue_url(QueueName=queue_name(settings, EXECUTIONS_QUEUE))[
-        "QueueUrl"
-    ]
+def _queue_url(settings: Any, name: str = EXECUTIONS_QUEUE) -> str:
+    return sqs.get_sqs_client().get_queue_url(QueueName=queue_name(settings, name))["QueueUrl"]
 
 
 def _drain(settings: Any) -> list[dict[str, Any]]:
-    """Every message now in the executions queue, decoded, and deleted."""
-    url = _queue_url(settings)
+    """Every message now in the execution queues (both), decoded, and deleted."""
     out = []
-    while got := sqs.receive_messages(url, max_number=10, wait_time=1):
-        for m in got:
-            out.append(json.loads(base64.b64decode(m["Body"])))
-            sqs.delete_message(url, m["ReceiptHandle"])
+    for name in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE):
+        url = _queue_url(settings, name)
+        while got := sqs.receive_messages(url, max_number=10, wait_time=1):
+            for m in got:
+                out.append(json.loads(base64.b64decode(m["Body"])))
+                sqs.delete_message(url, m["ReceiptHandle"])
     return out
 
 

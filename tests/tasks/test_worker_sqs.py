@@ -20,10 +20,11 @@ from flowbuilder.platform.models import (
     LedgerKind,
     PhaseStatus,
     WorkflowExecution,
+    WorkflowVersion,
 )
 from flowbuilder.platform.settings import override_settings
 from flowbuilder.tasks import cancel_execution, enqueue_execution, sweep_stale_executions
-from flowbuilder.tasks.app import EXECUTIONS_QUEUE, queue_name
+from flowbuilder.tasks.app import EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE, queue_name
 from tests.factories import json_definition, make_user, make_workflow
 from tests.tasks.conftest import execution_status, wait_done, wait_for
 
@@ -62,24 +63,42 @@ def _debits(session: Session, user_id: uuid.UUID) -> list[BalanceTransaction]:
     )
 
 
-def _queue_url(settings: Any) -> str:
-    return sqs.get_sqs_client().get_queue_url(QueueName=queue_name(settings, EXECUTIONS_QUEUE))[
-        "QueueUrl"
-    ]
+def _queue_url(settings: Any, name: str = EXECUTIONS_QUEUE) -> str:
+    return sqs.get_sqs_client().get_queue_url(QueueName=queue_name(settings, name))["QueueUrl"]
+
+
+def _receive(settings: Any, name: str, count: int = 10) -> tuple[str, list[dict[str, Any]]]:
+    """Wait for messages in the execution queue ``name``: (its URL, the messages)."""
+    url = _queue_url(settings, name)
+    return url, wait_for(lambda: sqs.receive_messages(url, max_number=count, wait_time=1), 10)
+
+
+def _queue_of(settings: Any, execution_id: uuid.UUID) -> str:
+    """The queue an execution's message was routed to, from its plan."""
+    from flowbuilder.platform.plan import ExecutionPlan
+    from flowbuilder.tasks.app import execution_queue_for
+
+    with Session(db.get_engine()) as s:
+        ex = s.get(WorkflowExecution, execution_id)
+        version = s.get(WorkflowVersion, ex.workflow_version_id)
+        plan = ExecutionPlan.from_dict(version.plan)
+    return execution_queue_for(settings, plan.worst_case_seconds())
 
 
 def test_ensure_queues_sets_visibility_and_redrive(worker_settings: Any) -> None:
-    attrs = sqs.queue_attributes(_queue_url(worker_settings))
-    assert attrs["VisibilityTimeout"] == str(worker_settings.SQS_VISIBILITY_TIMEOUT)
-    assert '"maxReceiveCount"' in attrs["RedrivePolicy"]
-    assert "-dlq" in attrs["RedrivePolicy"]
+    for name in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE):
+        attrs = sqs.queue_attributes(_queue_url(worker_settings, name))
+        assert attrs["VisibilityTimeout"] == str(worker_settings.SQS_VISIBILITY_TIMEOUT)
+        assert '"maxReceiveCount"' in attrs["RedrivePolicy"]
+        # One dead-letter queue for both.
+        assert queue_name(worker_settings, "executions-dlq") in attrs["RedrivePolicy"]
 
 
 def test_message_carries_ids_only(worker_settings: Any, pg_session: Session) -> None:
     """No worker running: read the raw SQS message and check what it holds."""
     user, wf, ex = _enqueue(pg_session, json_definition(2), correlation_id="corr-raw")
-    url = _queue_url(worker_settings)
-    messages = wait_for(lambda: sqs.receive_messages(url, max_number=10, wait_time=1), 10)
+    # Two JSON nodes (10 s at most each): a short run, in the short-run queue.
+    url, messages = _receive(worker_settings, SHORT_EXECUTIONS_QUEUE)
     raw = " ".join(m["Body"] for m in messages)
     import base64
 
@@ -109,8 +128,7 @@ def test_duplicate_delivery_of_one_message(
 ) -> None:
     """The very same SQS message body delivered twice, to two competing workers."""
     user, _, ex = _enqueue(pg_session, _delays(0.5, 0.5, 0.5), credits=10)
-    url = _queue_url(worker_settings)
-    message = wait_for(lambda: sqs.receive_messages(url, max_number=1, wait_time=1), 10)[0]
+    url, (message,) = _receive(worker_settings, _queue_of(worker_settings, ex.id), count=1)
     sqs.delete_message(url, message["ReceiptHandle"])
     sqs.send_message(url, message["Body"])
     sqs.send_message(url, message["Body"])
@@ -335,10 +353,14 @@ def test_api_async_session_enqueue_sends_while_committing(
 
 
 def _queue_empty(settings: Any) -> bool:
-    attrs = sqs.queue_attributes(_queue_url(settings))
-    return attrs["ApproximateNumberOfMessages"] == "0" and (
-        attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
-    )
+    """Both execution queues hold nothing, visible or in flight."""
+    for name in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE):
+        attrs = sqs.queue_attributes(_queue_url(settings, name))
+        if attrs["ApproximateNumberOfMessages"] != "0":
+            return False
+        if attrs["ApproximateNumberOfMessagesNotVisible"] != "0":
+            return False
+    return True
 
 
 def test_rolled_back_enqueue_never_runs(

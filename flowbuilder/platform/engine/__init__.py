@@ -25,8 +25,15 @@ like in every queue-driven system: a phase interrupted mid-call runs its node ag
 a crash.
 """
 
-from flowbuilder.platform.engine.enqueue import cancel_execution, prepare_execution
+from flowbuilder.platform.engine.enqueue import Written, cancel_execution, prepare_execution
 from flowbuilder.platform.engine.run import run_execution
 from flowbuilder.platform.engine.state import Outcome, RunResult
 
-__all__ = ["Outcome", "RunResult", "cancel_execution", "prepare_execution", "run_execution"]
+__all__ = [
+    "Outcome",
+    "RunResult",
+    "Written",
+    "cancel_execution",
+    "prepare_execution",
+    "run_execution",
+]

@@ -108,19 +108,17 @@ def prepare_execution(
     trigger: TriggerType = TriggerType.MANUAL,
     inputs: dict[str, Any] | None = None,
     correlation_id: str | None = None,
-    on_written: Callable[[uuid.UUID], None] | None = None,
+    on_written: Callable[[Written], None] | None = None,
 ) -> WorkflowExecution:
     """Checks and records a new execution (pending, with its planned phases).
 
-    ``on_written(execution_id)`` is called on PostgreSQL once every check has held and the
-    rows are written, before anything else: from then on, until the caller's transaction
-    ends, that transaction holds the execution's :func:`enqueue_lock`. (The task layer
-    starts the SQS send there.) Never called on SQLite, or when a check refuses.
+    ``on_written(Written(...))`` is called once every check has held and the rows are
+    written, before anything else: what the task layer needs to send the message (see
+    :class:`Written`). Never called when a check refuses.
 
     In order: ownership and a published, valid definition (NotFound, Conflict,
     ValidationFailed); the rate limit (RateLimited); the balance covers the plan
-    (InsufficientCredits). Flushes only; the caller's unit of work commits and only then
-    is the task sent.
+    (InsufficientCredits). Flushes only; the caller's unit of work commits.
 
     A fixed number of statements whatever the number of phases (this is the API's
     latency). The plan of a version and the result of its validation are kept in memory
@@ -187,9 +185,9 @@ def prepare_execution(
         if count is not None and expected is not None:
             # Every check held and the rows are written, unless past the rate limit.
             check_count(count=count)
-            if on_written is not None:
-                on_written(execution.id)
             version = expected[1]
+            if on_written is not None:
+                on_written(Written(execution.id, True, version.worst_case_seconds))
         else:
             status = WorkflowStatus(status)
             if status != WorkflowStatus.PUBLISHED or published_version == 0:
@@ -222,13 +220,15 @@ def prepare_execution(
                     count=_write_postgres(connection, execution, version, key, limit, settings, now)
                 )
                 if on_written is not None:
-                    on_written(execution.id)
+                    on_written(Written(execution.id, True, version.worst_case_seconds))
             else:
                 hit()
                 connection.execute(_INSERT_EXECUTION, _execution_row(execution))
                 connection.execute(
                     _INSERT_PHASE, phase_crud.phase_rows(execution, version.plan.nodes)
                 )
+                if on_written is not None:
+                    on_written(Written(execution.id, False, version.worst_case_seconds))
             _versions.remember(workflow_id, version_id)
     except DataError as exc:
         # Checked above, so this is a gap in the checks; still the caller's input, and
@@ -249,6 +249,19 @@ def prepare_execution(
         credits=version.plan.total_credits,
     )
     return execution
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What :func:`prepare_execution` tells its caller once an execution is written."""
+
+    execution_id: uuid.UUID
+    # PostgreSQL: the caller's transaction holds the execution's enqueue_lock until it
+    # ends, so its message may leave now (a worker waits for the commit). SQLite: send it
+    # after the commit.
+    locked: bool
+    # How long the run can take at most (ExecutionPlan.worst_case_seconds).
+    worst_case_seconds: float
 
 
 @dataclass(slots=True)
@@ -489,6 +502,8 @@ class _Version:
     # The phase columns of the PostgreSQL write, rendered once (array literals: psycopg
     # would otherwise adapt every element of every list on every enqueue).
     phase_columns: dict[str, str]
+    # ExecutionPlan.worst_case_seconds, computed once.
+    worst_case_seconds: float
     # Validated under these settings (limits) and this node registry: after a change of
     # either it is validated again.
     settings: Settings
@@ -614,6 +629,7 @@ class _VersionCache:
                 "node_types": _array_literal(node.node_type for node in plan.nodes),
                 "credits": _array_literal(node.credits for node in plan.nodes),
             },
+            worst_case_seconds=plan.worst_case_seconds(),
             settings=settings,
             registry_generation=generation,
         )

@@ -18,7 +18,7 @@ import structlog
 from sqlmodel import Session
 
 from flowbuilder.platform import db
-from flowbuilder.platform.engine import Outcome, prepare_execution, run_execution
+from flowbuilder.platform.engine import Outcome, Written, prepare_execution, run_execution
 from flowbuilder.platform.engine import run as engine_run
 from flowbuilder.platform.engine.enqueue import ENQUEUE_LOCK_CLASS, enqueue_lock
 from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution
@@ -40,11 +40,12 @@ def _published(session: Session) -> tuple[Any, Any]:
 
 
 def _prepare(session: Session, user: Any, wf: Any) -> tuple[WorkflowExecution, list[uuid.UUID]]:
-    written: list[uuid.UUID] = []
+    written: list[Written] = []
     ex = prepare_execution(
         session=session, workflow_id=wf.id, user_id=user.id, on_written=written.append
     )
-    return ex, written
+    assert all(w.locked for w in written)
+    return ex, [w.execution_id for w in written]
 
 
 def _run_in_thread(execution_id: uuid.UUID) -> tuple[threading.Thread, list[Any]]:
@@ -82,7 +83,7 @@ def test_a_refused_enqueue_does_not_call_on_written(pg: Session) -> None:
     user = make_user(pg, credits=0)  # the plan needs 2
     wf = make_workflow(pg, user, definition=json_definition(2), publish=True)
     pg.commit()
-    written: list[uuid.UUID] = []
+    written: list[Written] = []
     for _ in range(2):
         with pytest.raises(Exception, match="nsufficient"):
             prepare_execution(
@@ -153,3 +154,17 @@ def test_the_wait_is_bounded_and_the_run_stays_pending_for_the_sweep(
     # Still pending with its re-send time: the sweep sends it again.
     assert row.status == ExecutionStatus.PENDING and row.resend_after is not None
     assert run_execution(ex.id, owner="sweep-resent").outcome == Outcome.COMPLETED
+
+
+def test_sqlite_is_told_to_send_after_the_commit(session: Session) -> None:
+    if session.get_bind().dialect.name != "sqlite":
+        pytest.skip("SQLite's path")
+    user, wf = _published(session)
+    written: list[Written] = []
+    ex = prepare_execution(
+        session=session, workflow_id=wf.id, user_id=user.id, on_written=written.append
+    )
+    # Two nodes of 10 s at most each (and their grace).
+    assert [(w.execution_id, w.locked, w.worst_case_seconds) for w in written] == [
+        (ex.id, False, 21.0)
+    ]
