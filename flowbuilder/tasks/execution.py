@@ -213,7 +213,11 @@ def send_while_committing(
         started.set()
         send_execution(execution_id, correlation_id, queue=queue)
 
-    future = _sender().submit(send)
+    try:
+        future = _sender().submit(send)
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        send_after_commit(session, execution_id, correlation_id, queue)
+        return
     session.info.setdefault(_EARLY_SENDS, []).append((execution_id, future))
     # Wait (briefly) for the send thread to start. It then holds the GIL until its request
     # is on the wire, and this thread's remaining work overlaps the wait for SQS's answer;
@@ -225,6 +229,16 @@ _sender_lock = threading.Lock()
 _sender_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 
 
+def _reset_sender_in_child() -> None:
+    # A forked child has neither the parent's threads nor, safely, its lock.
+    global _sender_lock, _sender_pool
+    _sender_lock = threading.Lock()
+    _sender_pool = None
+
+
+os.register_at_fork(after_in_child=_reset_sender_in_child)
+
+
 def _sender() -> concurrent.futures.ThreadPoolExecutor:
     """This process's send threads (made again in a forked child: threads do not fork)."""
     global _sender_pool
@@ -232,8 +246,9 @@ def _sender() -> concurrent.futures.ThreadPoolExecutor:
         if _sender_pool is None or _sender_pool[0] != os.getpid():
             _sender_pool = (
                 os.getpid(),
+                # Sends wait on SQS: one thread per concurrent enqueue, up to this many.
                 concurrent.futures.ThreadPoolExecutor(
-                    max_workers=4, thread_name_prefix="flowbuilder-send"
+                    max_workers=16, thread_name_prefix="flowbuilder-send"
                 ),
             )
         return _sender_pool[1]
