@@ -228,10 +228,10 @@ def test_inspect_events_and_flower_on_sqs(
     ]
     assert succeeded and float(succeeded[0].rsplit(" ", 1)[1]) >= 1
     prefix = worker_settings.SQS_QUEUE_PREFIX
-    assert f'flowbuilder_sqs_messages{{queue="{prefix}executions",state="visible"}}' in metrics
-    assert f'flowbuilder_sqs_messages{{queue="{prefix}executions-dlq",state="visible"}}' in metrics
+    for queue in ("executions", "executions-short", "executions-dlq"):
+        assert f'flowbuilder_sqs_messages{{queue="{prefix}{queue}",state="visible"}}' in metrics
 
-    # `flowbuilder status`: the worker from the monitoring channel, both SQS queues.
+    # `flowbuilder status`: the worker from the monitoring channel, the SQS queues.
     status = subprocess.run(
         [sys.executable, "-m", "flowbuilder", "status"],
         env=monitor_env,
@@ -241,7 +241,8 @@ def test_inspect_events_and_flower_on_sqs(
     )
     assert status.returncode == 0, status.stdout + status.stderr
     assert hostname in status.stdout and "online" in status.stdout
-    assert f"{prefix}executions " in status.stdout and f"{prefix}executions-dlq" in status.stdout
+    for queue in ("executions ", "executions-short ", "executions-dlq"):
+        assert f"{prefix}{queue}" in status.stdout
     assert "completed" in status.stdout
 
     # The event stream carried the task; and nothing of Celery's monitoring touched SQS.
