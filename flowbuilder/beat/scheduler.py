@@ -38,6 +38,7 @@ from flowbuilder.platform.db import unit_of_work
 from flowbuilder.platform.models import utcnow
 from flowbuilder.platform.scheduling import FireOutcome, fire_due
 from flowbuilder.platform.settings import Settings, get_settings
+from flowbuilder.tasks.app import execution_queue_for
 
 logger = structlog.get_logger(__name__)
 
@@ -120,7 +121,12 @@ class CronFirer:
             cron_schedule.apply_if_unchanged(
                 outcome.next_runs, scores, client=self.client, settings=self.settings
             )
-            report: SendReport = self.sender.send(outcome.to_send)
+            report: SendReport = self.sender.send(
+                [
+                    (execution_id, correlation_id, execution_queue_for(self.settings, longest))
+                    for execution_id, correlation_id, longest in outcome.to_send
+                ]
+            )
             self.last_reports.append(report)
             elapsed = time.perf_counter() - started
             stats = TickStats(

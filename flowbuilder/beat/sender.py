@@ -29,7 +29,7 @@ from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
 from flowbuilder.platform.settings import Settings, get_settings
-from flowbuilder.tasks.app import CORRELATION_HEADER
+from flowbuilder.tasks.app import CORRELATION_HEADER, SHORT_EXECUTIONS_QUEUE
 from flowbuilder.tasks.execution import execute_workflow, send_execution
 
 logger = structlog.get_logger(__name__)
@@ -48,6 +48,15 @@ class SendReport:
     # (messages, wall-clock time.time() when SQS acknowledged them), one per request:
     # the benchmark's fire lag.
     acked: list[tuple[int, float]] = field(default_factory=list)
+
+
+# What to send: (execution id, correlation id) for the executions queue, or with a third
+# element, the queue (None: the executions queue; see tasks.app.execution_queue_for).
+Item = tuple[uuid.UUID, str | None] | tuple[uuid.UUID, str | None, str | None]
+
+
+def _parts(item: Item) -> tuple[uuid.UUID, str | None, str | None]:
+    return item[0], item[1], item[2] if len(item) > 2 else None  # type: ignore[misc]
 
 
 def _b64(data: str) -> str:
@@ -129,22 +138,24 @@ class BatchSender:
             self._channel = channel
         return self.app.amqp.Producer(self._channel, auto_declare=False)
 
-    def build_exact(self, items: list[tuple[uuid.UUID, str | None]]) -> list[dict[str, Any]]:
+    def build_exact(self, items: list[Item]) -> list[dict[str, Any]]:
         """The SendMessage requests that ``apply_async`` makes, one call per item."""
         producer = self._recording_producer()
         self._recorder.requests = []
-        for execution_id, correlation_id in items:
+        for item in items:
+            execution_id, correlation_id, queue = _parts(item)
             headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
             execute_workflow.apply_async(
-                args=[str(execution_id)], headers=headers, producer=producer
+                args=[str(execution_id)], headers=headers, producer=producer, queue=queue
             )
         requests, self._recorder.requests = self._recorder.requests, []
         return requests
 
-    def build(self, items: list[tuple[uuid.UUID, str | None]]) -> list[dict[str, Any]]:
-        """The same requests, fast: ``apply_async`` builds the first one (Celery's current
-        format, from Celery itself); the others are that message with the fields that
-        ``apply_async`` makes per call replaced (task id, args, delivery tag, correlation).
+    def build(self, items: list[Item]) -> list[dict[str, Any]]:
+        """The same requests, fast: ``apply_async`` builds the first one of each queue
+        (Celery's current format, from Celery itself); the others are that message with
+        the fields that ``apply_async`` makes per call replaced (task id, args, delivery
+        tag, correlation).
 
         ``apply_async`` costs about 0.25 ms a message, a quarter of a second for 1,000
         fires; the copy costs a tenth of that. tests/beat/test_sender.py checks the two
@@ -152,12 +163,19 @@ class BatchSender:
         """
         if not items:
             return []
-        first = self.build_exact(items[:1])[0]
-        if not self._channel.sqs_base64_encoding:
-            return first if len(items) == 1 else self.build_exact(items)
-        template = json_loads(base64.b64decode(first["MessageBody"]))
-        requests = [first]
-        for execution_id, correlation_id in items[1:]:
+        # One message built by apply_async per queue: the template of the others.
+        templates: dict[str | None, tuple[dict[str, Any], dict[str, Any]]] = {}
+        requests = []
+        for item in items:
+            execution_id, correlation_id, queue = _parts(item)
+            if queue not in templates:
+                first = self.build_exact([item])[0]
+                if not self._channel.sqs_base64_encoding:
+                    return self.build_exact(items)
+                templates[queue] = (first, json_loads(base64.b64decode(first["MessageBody"])))
+                requests.append(first)
+                continue
+            first, template = templates[queue]
             requests.append(
                 dict(first, MessageBody=_derive(template, str(execution_id), correlation_id))
             )
@@ -165,14 +183,15 @@ class BatchSender:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, items: list[tuple[uuid.UUID, str | None]]) -> SendReport:
+    def send(self, items: list[Item]) -> SendReport:
         report = SendReport()
         if not items:
             return report
         if not self.is_sqs:
-            for execution_id, correlation_id in items:
+            for item in items:
+                execution_id, correlation_id, queue = _parts(item)
                 try:
-                    send_execution(execution_id, correlation_id)
+                    send_execution(execution_id, correlation_id, queue=queue)
                     report.sent += 1
                     report.acked.append((1, time.time()))
                 except Exception as exc:  # noqa: BLE001 - the sweep re-sends it
@@ -221,6 +240,9 @@ class BatchSender:
         return len(response.get("Successful", [])), failed, time.time()
 
     def warm_up(self) -> None:
-        """Open the SQS channel and build one message now, not in the first fire."""
+        """Open the SQS channel and build one message per queue now (kombu looks each
+        queue's URL up once), not in the first fire."""
         if self.is_sqs:
-            self.build_exact([(uuid.uuid4(), None)])
+            self.build_exact(
+                [(uuid.uuid4(), None, None), (uuid.uuid4(), None, SHORT_EXECUTIONS_QUEUE)]
+            )

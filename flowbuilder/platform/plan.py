@@ -124,6 +124,7 @@ class ExecutionPlan:
     _by_id: dict[str, PlannedNode] = field(init=False, repr=False, compare=False)
     # How many inputs read each (node, output): one reader may have the value uncopied.
     _readers: dict[tuple[str, str], int] = field(init=False, repr=False, compare=False)
+    _worst_case: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = [node for phase in self.phases for node in phase]
@@ -154,6 +155,7 @@ class ExecutionPlan:
                 key = (binding.source_node, binding.source_handle)
                 readers[key] = readers.get(key, 0) + 1
         object.__setattr__(self, "_readers", readers)
+        object.__setattr__(self, "_worst_case", self._worst_case_of(self.phases))
 
     def node(self, node_id: str) -> PlannedNode:
         try:
@@ -165,9 +167,14 @@ class ExecutionPlan:
         """The longest this plan can run: phases one after another, each as long as its
         slowest node with every attempt timing out (the engine's half-second grace per
         attempt included) and the back-offs between attempts. What a run really takes is
-        usually far less; this bounds it (the execution budget bounds it too)."""
+        usually far less; this bounds it (the execution budget bounds it too). Computed
+        once per plan."""
+        return self._worst_case
+
+    @staticmethod
+    def _worst_case_of(phases: list[list[PlannedNode]]) -> float:
         total = 0.0
-        for phase in self.phases:
+        for phase in phases:
             longest = 0.0
             for node in phase:
                 attempts = 1 + (node.max_retries if node.retryable else 0)

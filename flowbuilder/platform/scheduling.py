@@ -82,8 +82,9 @@ MAX_RECORDED_MISSED = 200
 class FireOutcome:
     """What one call of :func:`fire_due` did."""
 
-    # (execution id, correlation id) to send once the transaction has committed.
-    to_send: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    # (execution id, correlation id, the run's worst case in seconds: which queue) to
+    # send once the transaction has committed.
+    to_send: list[tuple[uuid.UUID, str, float]] = field(default_factory=list)
     # The schedule after this batch: workflow id -> next fire time (None: not scheduled).
     next_runs: dict[uuid.UUID, datetime | None] = field(default_factory=dict)
     skipped: int = 0
@@ -356,7 +357,8 @@ def fire_due(
         if fire["reason"] is not None:
             outcome.skipped += 1
             continue
-        for position, node in enumerate(versions.plan(fire["version_id"]).nodes):
+        plan = versions.plan(fire["version_id"])
+        for position, node in enumerate(plan.nodes):
             phase_rows.append(
                 {
                     "id": uuid.uuid4(),
@@ -372,7 +374,7 @@ def fire_due(
                     "attempts": 0,
                 }
             )
-        outcome.to_send.append((row["id"], row["correlation_id"]))
+        outcome.to_send.append((row["id"], row["correlation_id"], plan.worst_case_seconds()))
     _insert_phases(session, phase_rows)
 
     # 7. next_run_at and last_run_at: one executemany UPDATE by primary key.

@@ -27,7 +27,7 @@ from sqlmodel import Session
 from benchmarks.harness import stop_process_group
 from flowbuilder.platform import sqs
 from flowbuilder.platform.models import ExecutionStatus, WorkflowExecution, utcnow
-from flowbuilder.tasks.app import EXECUTIONS_QUEUE, queue_name
+from flowbuilder.tasks.app import EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE, queue_name
 from tests.beat.conftest import REDIS_URL
 from tests.factories import json_definition, make_user, make_workflow
 from tests.tasks.conftest import wait_for, worker_env
@@ -101,9 +101,16 @@ def _executions(session: Session, workflow_ids: list[uuid.UUID]) -> list[Workflo
 
 
 def _drain(settings: Any) -> list[str]:
-    """Every execution id in the executions queue (messages are removed)."""
+    """Every execution id in the execution queues, both (messages are removed)."""
     client = sqs.get_sqs_client(settings)
-    url = client.get_queue_url(QueueName=queue_name(settings, EXECUTIONS_QUEUE))["QueueUrl"]
+    ids: list[str] = []
+    for name in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE):
+        url = client.get_queue_url(QueueName=queue_name(settings, name))["QueueUrl"]
+        ids.extend(_drain_queue(client, url))
+    return ids
+
+
+def _drain_queue(client: Any, url: str) -> list[str]:
     ids: list[str] = []
     empty = 0
     while empty < 3:

@@ -71,7 +71,8 @@ def test_a_fire_records_a_pending_cron_execution_with_its_phases_once(
     assert execution.trigger == TriggerType.CRON
     assert execution.scheduled_for == fire_time
     assert execution.user_id == user.id
-    assert outcome.to_send == [(execution.id, execution.correlation_id)]
+    # With the run's worst case (two JSON nodes of 10 s, each with its grace): its queue.
+    assert outcome.to_send == [(execution.id, execution.correlation_id, 21.0)]
     phases = session.exec(
         select(ExecutionPhase).where(ExecutionPhase.execution_id == execution.id)
     ).all()

@@ -55,6 +55,30 @@ def test_batched_messages_are_what_apply_async_sends(worker_settings: Any) -> No
     assert len({m["properties"]["delivery_tag"] for m in fast}) == len(items)
 
 
+def test_batched_messages_keep_each_item_s_queue(worker_settings: Any) -> None:
+    """Short runs to the short-run queue, the others to the executions queue: one message
+    built by apply_async per queue, the others derived from it, field for field."""
+    from flowbuilder.tasks.app import EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE, queue_name
+
+    sender = BatchSender(app, worker_settings)
+    try:
+        queues = [SHORT_EXECUTIONS_QUEUE, None, SHORT_EXECUTIONS_QUEUE, None, None]
+        items = [(uuid.uuid4(), f"cron:{i}", q) for i, q in enumerate(queues)]
+        exact = sender.build_exact(items)
+        fast = sender.build(items)
+    finally:
+        sender.close()
+    urls = [r["QueueUrl"] for r in fast]
+    assert urls == [r["QueueUrl"] for r in exact]
+    names = [queue_name(worker_settings, q or EXECUTIONS_QUEUE) for q in queues]
+    assert [url.rsplit("/", 1)[1] for url in urls] == names
+    for (execution_id, correlation, _q), a, b in zip(items, exact, fast, strict=True):
+        a, b = _decode(a), _decode(b)
+        assert a["body"] == b["body"] and b["body"][0] == [str(execution_id)]
+        assert b["headers"].get("x_correlation_id") == correlation
+        assert a["properties"]["delivery_info"] == b["properties"]["delivery_info"]
+
+
 def test_a_real_worker_runs_the_fires_sent_in_batches(
     celery_worker: Any, worker_settings: Any, pg_session: Session
 ) -> None:
