@@ -416,7 +416,12 @@ def _memory(
 ) -> dict[str, Any]:
     """RSS of a real beat process over ``rounds`` rounds of len(ids) fires."""
     from flowbuilder.platform import cron_schedule, sqs
-    from flowbuilder.tasks.app import EXECUTIONS_QUEUE, ensure_execution_queues, queue_name
+    from flowbuilder.tasks.app import (
+        EXECUTIONS_QUEUE,
+        SHORT_EXECUTIONS_QUEUE,
+        ensure_execution_queues,
+        queue_name,
+    )
 
     env = dict(os.environ)
     env.update(
@@ -443,7 +448,8 @@ def _memory(
     )  # fmt: skip
     key = cron_schedule.schedule_key(settings)
     sqs_client = sqs.get_sqs_client(settings)
-    queue_url = ensure_execution_queues(settings)[queue_name(settings, EXECUTIONS_QUEUE)]
+    names = [queue_name(settings, q) for q in (EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE)]
+    urls = ensure_execution_queues(settings)
     samples: list[int] = []
     try:
         deadline = time.monotonic() + 60
@@ -453,10 +459,12 @@ def _memory(
                 raise RuntimeError(f"beat did not start; its log ends with:\n{tail}")
             time.sleep(0.2)
         for _ in range(rounds):
-            # A fresh executions queue each round (moto slows down with depth and
-            # allows one purge a minute): delete it and create it again, same name.
-            sqs_client.delete_queue(QueueUrl=queue_url)
-            queue_url = ensure_execution_queues(settings)[queue_name(settings, EXECUTIONS_QUEUE)]
+            # Fresh execution queues each round (moto slows down with depth and allows
+            # one purge a minute): delete them and create them again, same names. (These
+            # two-node workflows are short runs: their messages go to executions-short.)
+            for name in names:
+                sqs_client.delete_queue(QueueUrl=urls[name])
+            urls = ensure_execution_queues(settings)
             fire = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
             _make_due(engine, client, key, ids, fire)
             deadline = time.monotonic() + 120
