@@ -50,13 +50,9 @@ class SendReport:
     acked: list[tuple[int, float]] = field(default_factory=list)
 
 
-# What to send: (execution id, correlation id) for the executions queue, or with a third
-# element, the queue (None: the executions queue; see tasks.app.execution_queue_for).
-Item = tuple[uuid.UUID, str | None] | tuple[uuid.UUID, str | None, str | None]
-
-
-def _parts(item: Item) -> tuple[uuid.UUID, str | None, str | None]:
-    return item[0], item[1], item[2] if len(item) > 2 else None  # type: ignore[misc]
+# What to send: (execution id, correlation id, queue); queue None is the executions
+# queue (see tasks.app.execution_queue_for).
+Item = tuple[uuid.UUID, str | None, str | None]
 
 
 def _b64(data: str) -> str:
@@ -142,8 +138,7 @@ class BatchSender:
         """The SendMessage requests that ``apply_async`` makes, one call per item."""
         producer = self._recording_producer()
         self._recorder.requests = []
-        for item in items:
-            execution_id, correlation_id, queue = _parts(item)
+        for execution_id, correlation_id, queue in items:
             headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
             execute_workflow.apply_async(
                 args=[str(execution_id)], headers=headers, producer=producer, queue=queue
@@ -167,7 +162,7 @@ class BatchSender:
         templates: dict[str | None, tuple[dict[str, Any], dict[str, Any]]] = {}
         requests = []
         for item in items:
-            execution_id, correlation_id, queue = _parts(item)
+            execution_id, correlation_id, queue = item
             if queue not in templates:
                 first = self.build_exact([item])[0]
                 if not self._channel.sqs_base64_encoding:
@@ -188,8 +183,7 @@ class BatchSender:
         if not items:
             return report
         if not self.is_sqs:
-            for item in items:
-                execution_id, correlation_id, queue = _parts(item)
+            for execution_id, correlation_id, queue in items:
                 try:
                     send_execution(execution_id, correlation_id, queue=queue)
                     report.sent += 1

@@ -32,13 +32,13 @@ def _decode(request: dict[str, Any]) -> dict[str, Any]:
 def test_batched_messages_are_what_apply_async_sends(worker_settings: Any) -> None:
     sender = BatchSender(app, worker_settings)
     try:
-        items = [(uuid.uuid4(), f"cron:{i}") for i in range(3)] + [(uuid.uuid4(), None)]
+        items = [(uuid.uuid4(), f"cron:{i}", None) for i in range(3)] + [(uuid.uuid4(), None, None)]
         exact = [_decode(r) for r in sender.build_exact(items)]
         fast = [_decode(r) for r in sender.build(items)]
     finally:
         sender.close()
     per_call = {"id", "root_id"}
-    for (execution_id, correlation), a, b in zip(items, exact, fast, strict=True):
+    for (execution_id, correlation, _queue), a, b in zip(items, exact, fast, strict=True):
         assert a["body"] == b["body"] and b["body"][0] == [str(execution_id)]
         assert {k: v for k, v in a.items() if k not in ("headers", "properties")} == {
             k: v for k, v in b.items() if k not in ("headers", "properties")

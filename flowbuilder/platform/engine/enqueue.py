@@ -187,7 +187,7 @@ def prepare_execution(
             check_count(count=count)
             version = expected[1]
             if on_written is not None:
-                on_written(Written(execution.id, True, version.worst_case_seconds))
+                on_written(Written(execution.id, True, version.plan.worst_case_seconds()))
         else:
             status = WorkflowStatus(status)
             if status != WorkflowStatus.PUBLISHED or published_version == 0:
@@ -220,7 +220,7 @@ def prepare_execution(
                     count=_write_postgres(connection, execution, version, key, limit, settings, now)
                 )
                 if on_written is not None:
-                    on_written(Written(execution.id, True, version.worst_case_seconds))
+                    on_written(Written(execution.id, True, version.plan.worst_case_seconds()))
             else:
                 hit()
                 connection.execute(_INSERT_EXECUTION, _execution_row(execution))
@@ -228,7 +228,7 @@ def prepare_execution(
                     _INSERT_PHASE, phase_crud.phase_rows(execution, version.plan.nodes)
                 )
                 if on_written is not None:
-                    on_written(Written(execution.id, False, version.worst_case_seconds))
+                    on_written(Written(execution.id, False, version.plan.worst_case_seconds()))
             _versions.remember(workflow_id, version_id)
     except DataError as exc:
         # Checked above, so this is a gap in the checks; still the caller's input, and
@@ -502,8 +502,6 @@ class _Version:
     # The phase columns of the PostgreSQL write, rendered once (array literals: psycopg
     # would otherwise adapt every element of every list on every enqueue).
     phase_columns: dict[str, str]
-    # ExecutionPlan.worst_case_seconds, computed once.
-    worst_case_seconds: float
     # Validated under these settings (limits) and this node registry: after a change of
     # either it is validated again.
     settings: Settings
@@ -629,7 +627,6 @@ class _VersionCache:
                 "node_types": _array_literal(node.node_type for node in plan.nodes),
                 "credits": _array_literal(node.credits for node in plan.nodes),
             },
-            worst_case_seconds=plan.worst_case_seconds(),
             settings=settings,
             registry_generation=generation,
         )
