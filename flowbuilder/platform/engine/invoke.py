@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,21 +42,54 @@ _phase_pool = concurrent.futures.ThreadPoolExecutor(
 )
 
 
+# Phases started before their start is committed (see start_early): one thread each
+# coordinates the phase's nodes while the engine waits for that commit. More than one so
+# that a refused phase's nodes, told to stop, never delay the next phase's.
+_early_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="early")
+
+
 def invoke_all(
     started: list[tuple[ExecutionPhase, Any, Any]],
     inputs: dict[uuid.UUID, dict[str, Any]],
     state: RunState,
     heartbeat: Heartbeat,
+    abort: threading.Event | None = None,
 ) -> list[NodeOutcome]:
-
+    """Run a phase's nodes, concurrently, and return how each ended. ``abort`` set: the
+    nodes are told they are cancelled (their results are thrown away)."""
     if len(started) == 1:  # the common case: no extra thread hop
         phase, node, credential = started[0]
-        return [_invoke(node, phase, inputs[phase.id], credential, state, heartbeat)]
+        return [_invoke(node, phase, inputs[phase.id], credential, state, heartbeat, abort)]
     futures = [
-        _phase_pool.submit(_invoke, node, phase, inputs[phase.id], credential, state, heartbeat)
+        _phase_pool.submit(
+            _invoke, node, phase, inputs[phase.id], credential, state, heartbeat, abort
+        )
         for phase, node, credential in started
     ]
     return [f.result() for f in futures]
+
+
+def start_early(
+    started: list[tuple[ExecutionPhase, Any, Any]],
+    inputs: dict[uuid.UUID, dict[str, Any]],
+    state: RunState,
+    heartbeat: Heartbeat,
+) -> tuple[concurrent.futures.Future[list[NodeOutcome]], threading.Event]:
+    """:func:`invoke_all` on a thread of its own, started now, and the event that aborts
+    it. For pure nodes only (``NodeType.pure``), while their phase's start is committed:
+    the commit's round trip then overlaps the nodes' work instead of preceding it."""
+    abort = threading.Event()
+    return _early_pool.submit(invoke_all, started, inputs, state, heartbeat, abort), abort
+
+
+def all_pure(started: list[tuple[ExecutionPhase, Any, Any]]) -> bool:
+    """Whether every node of a phase may start before the phase's start is committed."""
+    from flowbuilder.platform.nodes import get_node_type
+
+    return all(
+        credential is None and get_node_type(phase.node_type).pure
+        for phase, _node, credential in started
+    )
 
 
 def load_credential(s: Session, credential_id: Any, user_id: uuid.UUID) -> Any:
@@ -89,6 +123,7 @@ def _invoke(
     credential: Any,
     state: RunState,
     heartbeat: Heartbeat,
+    abort: threading.Event | None = None,
 ) -> NodeOutcome:
     """Run one node with its timeout and its declared retries for transient errors."""
     from flowbuilder.platform.nodes import get_node_type
@@ -100,6 +135,13 @@ def _invoke(
     timeout = float(node.timeout_seconds or node_type.timeout_seconds)
     attempts = 1 + (int(node_type.max_retries) if node_type.retryable else 0)
     result = NodeOutcome()
+    if abort is None:
+        cancelled = heartbeat.cancelled.is_set
+    else:
+
+        def cancelled() -> bool:
+            return heartbeat.cancelled.is_set() or abort.is_set()
+
     for attempt in range(1, attempts + 1):
         left = state.deadline - time.monotonic()
         budget = min(timeout, left)
@@ -113,7 +155,7 @@ def _invoke(
             credential=credential,
             log=node_log,
             deadline=time.monotonic() + budget,
-            cancelled=heartbeat.cancelled.is_set,
+            cancelled=cancelled,
         )
         started = time.monotonic()
         future = _node_pool.submit(node_type.invoke, inputs, ctx)
@@ -131,7 +173,7 @@ def _invoke(
             break
         except TransientError as exc:
             result.error = f"{type(exc).__name__}: {exc}"
-            if attempt < attempts and not heartbeat.cancelled.is_set():
+            if attempt < attempts and not cancelled():
                 backoff = float(node_type.retry_backoff_seconds) * (2 ** (attempt - 1))
                 backoff = min(backoff, max(0.0, state.deadline - time.monotonic() - 0.1))
                 node_log.warning(

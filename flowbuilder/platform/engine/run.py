@@ -24,6 +24,7 @@ time is not the workflow's own time.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import threading
@@ -49,7 +50,13 @@ from flowbuilder.platform.crud import (
 from flowbuilder.platform.crud._sql import driver_errors, send_command, send_statement
 from flowbuilder.platform.db import get_engine, idle_and_quiet, unit_of_work
 from flowbuilder.platform.engine.enqueue import enqueue_lock
-from flowbuilder.platform.engine.invoke import NodeOutcome, invoke_all, load_credential
+from flowbuilder.platform.engine.invoke import (
+    NodeOutcome,
+    all_pure,
+    invoke_all,
+    load_credential,
+    start_early,
+)
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
 from flowbuilder.platform.engine.state import Outcome, RunResult, RunState, is_time_limit
 from flowbuilder.platform.errors import (
@@ -187,6 +194,9 @@ class _RunConnection:
         self.batches = engine.dialect.driver == "psycopg"
         # Writes sent with the COMMIT of the current transaction (see phase_crud.record_phase).
         self.deferred: list[tuple[Any, dict[str, Any]]] = []
+        # Called once a transaction sent whole is on its way, COMMIT included, before its
+        # answer is read (see sent_whole); reset when the transaction ends.
+        self.commit_sent: Callable[[], None] | None = None
 
     def _connection(self) -> Connection:
         if self._conn is not None and (self._conn.invalidated or self._conn.closed):
@@ -207,6 +217,7 @@ class _RunConnection:
             raise
         finally:
             self.deferred = []
+            self.commit_sent = None
             session.close()
             self._driver_idle()
 
@@ -344,7 +355,11 @@ class _RunConnection:
         commits. That raises :class:`_Unspeculate` once rolled back, and the step is made
         again the way that reads answers and says why. A connection lost on the way leaves
         the commit unknown: the error goes to run_execution (TransientError), and the run
-        resumes from what the database holds, as when any COMMIT's answer is lost."""
+        resumes from what the database holds, as when any COMMIT's answer is lost.
+
+        ``commit_sent()``, when the body set it, is called once everything is sent,
+        before the answers are read: the server runs the transaction (and flushes its
+        COMMIT to disk) meanwhile."""
         self.deferred = []
         with self._session() as session:
             conn = session.connection()
@@ -365,6 +380,9 @@ class _RunConnection:
                         for statement, params in self.deferred:
                             send_statement(conn, statement, params)
                         send_command(conn, "COMMIT")
+                        sent, self.commit_sent = self.commit_sent, None
+                        if sent is not None:
+                            sent()
             except DBAPIError as exc:
                 if getattr(exc.orig, "sqlstate", None) == _REFUSED:
                     raise _Unspeculate from exc
@@ -694,11 +712,19 @@ def _run_phases(
         if isinstance(step, RunResult):
             return step
         current = step
-        if on_phase_started is not None:
-            for phase, _node, _credential in current.started:
-                on_phase_started(phase)
-        # The nodes themselves, concurrently, outside any transaction.
-        current.outcomes = invoke_all(current.started, current.inputs, state, heartbeat)
+        try:
+            if on_phase_started is not None:
+                for phase, _node, _credential in current.started:
+                    on_phase_started(phase)
+            # The nodes themselves, concurrently, outside any transaction: already
+            # running when they were started with their phase's COMMIT (pure nodes).
+            if current.early is not None:
+                current.outcomes = current.early.result()
+            else:
+                current.outcomes = invoke_all(current.started, current.inputs, state, heartbeat)
+        except BaseException:
+            current.stop_early()  # the worker's time limit: the run ends, so do its nodes
+            raise
         state.phases_run += len(current.started)
         previous = current
     raise AssertionError("unreachable")  # the loop always returns
@@ -872,51 +898,99 @@ def _fenced_step(
         if whole
         else db.fenced(state, writes, undo)
     )
-    with transaction as (s, held, cancel, ahead):
-        if not held:
-            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-        if previous is not None and not succeeded:
-            ended = _record_group(s, state, previous, settings)
-            if ended is not None:
-                return ended
-        if group is None:
-            return _complete(s, state, db.deferred)
-        stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
-        if stop and ahead is not None:
-            raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
-        if cancel or heartbeat.cancelled.is_set():
-            return _cancel_run(s, state)
-        if state.deadline - time.monotonic() <= 0:
-            return _fail_run(s, state, _timeout_message(settings))
-        current = _GroupRun()
-        for phase in group:
-            debit = None
-            try:
-                if ahead is not None:
-                    current.inputs[phase.id], debit = ahead[phase.id]
-                else:
-                    current.inputs[phase.id] = _inputs_of(state, phase)
-            except FlowBuilderError as exc:  # a required input upstream did not produce
-                phase_crud.record_phase(
-                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
-                )
-                current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
-                break
-            current.refusal = _start_phase(
+    current = _GroupRun()
+    try:
+        with transaction as (s, held, cancel, ahead):
+            return _fenced_body(
+                db,
                 s,
                 state,
-                phase,
-                planned[phase.node_id],
-                current.inputs[phase.id],
-                current.started,
-                db.deferred,
-                debit,
+                heartbeat,
+                group,
+                previous,
+                planned,
+                settings,
+                succeeded,
+                current,
+                cancel=cancel,
+                ahead=ahead,
+                held=held,
+                whole=whole,
             )
-            if current.refusal is not None:
-                # The rest of this phase does not start; what started still runs.
-                break
-        if current.refusal is not None and not current.started:
-            return _fail_run(s, state, current.refusal)
+    except BaseException:
+        # The phase's start did not commit (refused, made again, or unknown): the nodes
+        # started with its COMMIT stop, and their results are never read.
+        current.stop_early()
+        raise
+
+
+def _fenced_body(
+    db: _RunConnection,
+    s: Session,
+    state: RunState,
+    heartbeat: Heartbeat,
+    group: list[ExecutionPhase] | None,
+    previous: _GroupRun | None,
+    planned: dict[str, Any],
+    settings: Any,
+    succeeded: bool,
+    current: _GroupRun,
+    *,
+    held: bool,
+    cancel: bool,
+    ahead: Any,
+    whole: bool,
+) -> _GroupRun | RunResult:
+    """What a fenced step's transaction does once the fence answered: record a phase
+    that failed, then start ``group`` into ``current`` (or end the run)."""
+    if not held:
+        return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+    if previous is not None and not succeeded:
+        ended = _record_group(s, state, previous, settings)
+        if ended is not None:
+            return ended
+    if group is None:
+        return _complete(s, state, db.deferred)
+    stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
+    if stop and ahead is not None:
+        raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
+    if cancel or heartbeat.cancelled.is_set():
+        return _cancel_run(s, state)
+    if state.deadline - time.monotonic() <= 0:
+        return _fail_run(s, state, _timeout_message(settings))
+    for phase in group:
+        debit = None
+        try:
+            if ahead is not None:
+                current.inputs[phase.id], debit = ahead[phase.id]
+            else:
+                current.inputs[phase.id] = _inputs_of(state, phase)
+        except FlowBuilderError as exc:  # a required input upstream did not produce
+            phase_crud.record_phase(
+                session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+            )
+            current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+            break
+        current.refusal = _start_phase(
+            s,
+            state,
+            phase,
+            planned[phase.node_id],
+            current.inputs[phase.id],
+            current.started,
+            db.deferred,
+            debit,
+        )
+        if current.refusal is not None:
+            # The rest of this phase does not start; what started still runs.
+            break
+    if current.refusal is not None and not current.started:
+        return _fail_run(s, state, current.refusal)
+    if whole and current.refusal is None and all_pure(current.started):
+        # Sent whole (the only way with debits ahead and nothing read before the
+        # COMMIT): pure nodes start as soon as the COMMIT is sent, and their work
+        # overlaps its round trip. Refused, the transaction raises and they stop.
+        db.commit_sent = lambda: current.start_early(state, heartbeat)
     return current
 
 
@@ -995,6 +1069,16 @@ class _GroupRun:
     inputs: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     outcomes: list[NodeOutcome] = field(default_factory=list)
     refusal: str | None = None
+    # Pure nodes started with their phase's COMMIT, before its answer (see _fenced_step).
+    early: concurrent.futures.Future[list[NodeOutcome]] | None = None
+    abort: threading.Event | None = None
+
+    def start_early(self, state: RunState, heartbeat: Heartbeat) -> None:
+        self.early, self.abort = start_early(self.started, self.inputs, state, heartbeat)
+
+    def stop_early(self) -> None:
+        if self.abort is not None:
+            self.abort.set()
 
 
 def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) -> RunResult | None:

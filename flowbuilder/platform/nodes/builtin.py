@@ -174,6 +174,7 @@ def _parse_path_input(path: Any) -> list[PathPart]:
 
 class ReadPropertyFromJsonNode(NodeType):
     type = "read_property_from_json"
+    pure = True  # computes from its inputs only: may start before its phase commits
     description = "Read one property (dotted path, list indexes allowed: items.0.name)."
     inputs = {
         "json": PortSpec("json", required=True, description="a JSON value, or a JSON string"),
@@ -194,6 +195,7 @@ class ReadPropertyFromJsonNode(NodeType):
 
 class AddPropertyToJsonNode(NodeType):
     type = "add_property_to_json"
+    pure = True  # computes from its inputs only: may start before its phase commits
     description = "Return a copy of a JSON object with a property set (objects created)."
     inputs = {
         "json": PortSpec("json", required=True, description="an object, or a JSON string"),
@@ -358,6 +360,7 @@ def _slice(ctx: NodeContext) -> float:
 
 class ExtractTextFromHtmlNode(NodeType):
     type = "extract_text_from_html"
+    pure = True  # computes from its inputs only: may start before its phase commits
     description = "Text of the first element (or every element, with all) matching a selector."
     inputs = {
         "html": PortSpec("html", required=True),
@@ -413,6 +416,7 @@ class DelayNode(NodeType):
     credits = 1
     credential = "none"
     keeps_inputs = True  # data is passed on untouched
+    pure = True  # waits, and nothing else: may start before its phase commits
 
     @property  # type: ignore[override]
     def timeout_seconds(self) -> float:

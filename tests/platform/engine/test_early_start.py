@@ -1,0 +1,230 @@
+"""Pure nodes start with their phase's COMMIT, before its answer (PostgreSQL on psycopg).
+
+A phase sent whole (see test_run_whole.py) is on its way, COMMIT included, before any
+answer is read. When every node of the phase is of a pure type (``NodeType.pure``: it
+computes from its inputs only), the nodes start right then and their work overlaps the
+commit's round trip. If that transaction is refused, the nodes are told to stop and their
+results are never read. A node that is not pure starts only once its phase's start is
+committed, as before.
+
+The probes below look at the database from their own connection while they run: the
+phase of an early node is not committed as running yet when a lock held by the test
+keeps its transaction from finishing; the phase of any other node always is."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from flowbuilder.platform import db
+from flowbuilder.platform.crud import balance_crud, phase_crud
+from flowbuilder.platform.engine import Outcome, prepare_execution, run_execution
+from flowbuilder.platform.models import ExecutionPhase, PhaseStatus, WorkflowExecution
+from flowbuilder.platform.nodes import NodeType, PortSpec, register_node_type, unregister_node_type
+from tests.factories import make_user, make_workflow
+
+_WAIT = 30.0  # seconds: a bound for what must happen, never a measure of speed
+
+
+class _Lock:
+    """The execution's row locked by another connection (the first phase's node takes
+    it), so that the next phase's transaction waits at its fence until released."""
+
+    def __init__(self) -> None:
+        self.connection: sa.Connection | None = None
+        self.taken = threading.Event()
+
+    def take(self, execution_id: Any) -> None:
+        self.connection = db.get_engine().connect()
+        self.connection.execute(
+            sa.select(WorkflowExecution.id)
+            .where(WorkflowExecution.id == execution_id)
+            .with_for_update()
+        )
+        self.taken.set()
+
+    def release(self) -> None:
+        if self.connection is not None:
+            self.connection.rollback()
+            self.connection.close()
+            self.connection = None
+
+
+class _Probe:
+    """What a probe node saw when it ran."""
+
+    def __init__(self) -> None:
+        self.ran = threading.Event()
+        self.committed_running: bool | None = None
+        self.saw_cancel = threading.Event()
+        self.wait_for_cancel = False
+
+
+_lock = _Lock()
+_probe = _Probe()
+
+
+def _phase_status(execution_id: Any, node_id: str) -> PhaseStatus:
+    with Session(db.get_engine()) as s:
+        return s.exec(
+            sa.select(ExecutionPhase.status).where(
+                ExecutionPhase.execution_id == execution_id, ExecutionPhase.node_id == node_id
+            )
+        ).scalar_one()
+
+
+def _locker(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    _lock.take(ctx.execution_id)
+    return {"done": True}
+
+
+def _probe_run(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    _probe.committed_running = _phase_status(ctx.execution_id, ctx.node_id) == PhaseStatus.RUNNING
+    _probe.ran.set()
+    if _probe.wait_for_cancel:
+        done = threading.Event()
+        for _ in range(int(_WAIT / 0.01)):
+            if ctx.is_cancelled():
+                _probe.saw_cancel.set()
+                break
+            done.wait(0.01)
+    return {"done": True}
+
+
+def _node(type_: str, run: Any, *, pure: bool) -> NodeType:
+    return NodeType(
+        type=type_,
+        run=run,
+        inputs={"after": PortSpec("any")},
+        outputs={"done": PortSpec("any")},
+        credits=1,
+        pure=pure,
+    )
+
+
+_NODES = [
+    _node("test_locker", _locker, pure=False),
+    _node("test_pure_probe", _probe_run, pure=True),
+    _node("test_impure_probe", _probe_run, pure=False),
+]
+
+
+@pytest.fixture(autouse=True)
+def _nodes(engine: sa.Engine) -> Iterator[None]:
+    if engine.dialect.driver != "psycopg":
+        pytest.skip("transactions are sent whole on psycopg only")
+    global _lock, _probe
+    _lock, _probe = _Lock(), _Probe()
+    for node_type in _NODES:
+        register_node_type(node_type, replace=True)
+    yield
+    _lock.release()
+    for node_type in _NODES:
+        unregister_node_type(node_type.type)
+
+
+def _chain(*types: str) -> dict[str, Any]:
+    nodes = [{"id": f"n{i}", "type": t, "inputs": {}} for i, t in enumerate(types)]
+    edges = [
+        {"source": f"n{i}", "sourceHandle": "done", "target": f"n{i + 1}", "targetHandle": "after"}
+        for i in range(len(types) - 1)
+    ]
+    return {"version": 1, "nodes": nodes, "edges": edges}
+
+
+def _prepare(session: Session, *types: str, credits: int = 10) -> tuple[Any, Any]:
+    user = make_user(session, credits=credits)
+    wf = make_workflow(session, user, definition=_chain(*types), publish=True)
+    session.commit()
+    ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+    session.commit()
+    return user, ex
+
+
+def _in_background(execution_id: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: result.append(run_execution(execution_id, **kwargs)), daemon=True
+    )
+    thread.start()
+    return thread, result
+
+
+def _balanced(session: Session, user: Any) -> int:
+    session.rollback()
+    balance = balance_crud.get_balance(session=session, user_id=user.id)
+    assert balance == balance_crud.ledger_total(session=session, user_id=user.id)
+    return balance
+
+
+def test_a_pure_node_starts_before_its_phase_start_is_committed(session: Session) -> None:
+    user, ex = _prepare(session, "test_locker", "test_pure_probe")
+    thread, result = _in_background(ex.id)
+    try:
+        # The second phase's transaction waits for the lock at its fence; its pure node
+        # runs all the same.
+        assert _probe.ran.wait(_WAIT), "the pure node did not start while its phase committed"
+        assert _probe.committed_running is False
+        assert _phase_status(ex.id, "n1") == PhaseStatus.CREATED
+        assert _phase_status(ex.id, "n0") == PhaseStatus.RUNNING  # its results wait too
+    finally:
+        _lock.release()
+    thread.join(_WAIT)
+    assert result and result[0].outcome == Outcome.COMPLETED
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 2
+    assert phases[1].outputs == {"done": True}
+    assert _balanced(session, user) == 8
+
+
+def test_a_node_that_is_not_pure_starts_only_once_its_phase_start_is_committed(
+    session: Session,
+) -> None:
+    user, ex = _prepare(session, "test_locker", "test_impure_probe")
+    thread, result = _in_background(ex.id)
+    try:
+        assert _lock.taken.wait(_WAIT)
+        # While the lock holds its phase's transaction back, the node does not start
+        # (given time to, were it started early) ...
+        assert not _probe.ran.wait(0.5)
+    finally:
+        _lock.release()
+    thread.join(_WAIT)
+    assert result and result[0].outcome == Outcome.COMPLETED
+    # ... and when it does, its phase was committed as running before.
+    assert _probe.ran.is_set() and _probe.committed_running is True
+    assert _balanced(session, user) == 8
+
+
+def test_a_refused_phase_stops_its_early_nodes_and_keeps_nothing_of_them(
+    session: Session,
+) -> None:
+    """The second phase's debit is refused (the balance was spent elsewhere while the
+    first phase ran): the transaction sent whole is rolled back, the probe started with
+    it is told to stop, and the reading path fails the phase, charged nothing."""
+    user, ex = _prepare(session, "test_locker", "test_pure_probe", credits=2)
+    _probe.wait_for_cancel = True
+    thread, result = _in_background(ex.id)
+    try:
+        assert _lock.taken.wait(_WAIT)
+        with Session(db.get_engine()) as other:  # not blocked: a different row
+            balance_crud.debit_credits(
+                session=other, user_id=user.id, amount=1, idempotency_key="elsewhere", reason="x"
+            )
+            other.commit()
+        assert _probe.ran.wait(_WAIT)
+    finally:
+        _lock.release()
+    thread.join(_WAIT)
+    assert result and result[0].outcome == Outcome.FAILED
+    assert "insufficient" in (result[0].error or "").lower()
+    assert _probe.saw_cancel.wait(_WAIT), "the early node was not told to stop"
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED, PhaseStatus.FAILED]
+    assert phases[1].outputs is None and phases[1].credits_charged == 0
+    assert _balanced(session, user) == 0
