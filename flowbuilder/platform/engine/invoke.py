@@ -42,31 +42,34 @@ _phase_pool = concurrent.futures.ThreadPoolExecutor(
 )
 
 
-# Phases started before their start is committed (see start_early): one thread each
-# coordinates the phase's nodes while the engine waits for that commit. More than one so
-# that a refused phase's nodes, told to stop, never delay the next phase's.
-_early_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="early")
-
-
 def invoke_all(
     started: list[tuple[ExecutionPhase, Any, Any]],
     inputs: dict[uuid.UUID, dict[str, Any]],
     state: RunState,
     heartbeat: Heartbeat,
-    abort: threading.Event | None = None,
+    early: Early | None = None,
 ) -> list[NodeOutcome]:
-    """Run a phase's nodes, concurrently, and return how each ended. ``abort`` set: the
-    nodes are told they are cancelled (their results are thrown away)."""
-    if len(started) == 1:  # the common case: no extra thread hop
-        phase, node, credential = started[0]
-        return [_invoke(node, phase, inputs[phase.id], credential, state, heartbeat, abort)]
-    futures = [
-        _phase_pool.submit(
-            _invoke, node, phase, inputs[phase.id], credential, state, heartbeat, abort
-        )
-        for phase, node, credential in started
-    ]
+    """Run a phase's nodes, concurrently, and return how each ended; ``early``: the
+    calls :func:`start_early` started, carried on."""
+    if early is not None:
+        calls = early.calls
+    else:
+        calls = [
+            _NodeCall(node, phase, inputs[phase.id], credential, state, heartbeat)
+            for phase, node, credential in started
+        ]
+    if len(calls) == 1:  # the common case: no extra thread hop
+        return [_invoke(calls[0])]
+    futures = [_phase_pool.submit(_invoke, call) for call in calls]
     return [f.result() for f in futures]
+
+
+@dataclass
+class Early:
+    """A phase's nodes started before its start was committed, and what stops them."""
+
+    calls: list[_NodeCall]
+    abort: threading.Event
 
 
 def start_early(
@@ -74,12 +77,19 @@ def start_early(
     inputs: dict[uuid.UUID, dict[str, Any]],
     state: RunState,
     heartbeat: Heartbeat,
-) -> tuple[concurrent.futures.Future[list[NodeOutcome]], threading.Event]:
-    """:func:`invoke_all` on a thread of its own, started now, and the event that aborts
-    it. For pure nodes only (``NodeType.pure``), while their phase's start is committed:
-    the commit's round trip then overlaps the nodes' work instead of preceding it."""
+) -> Early:
+    """Start the first attempt of each node now; :func:`invoke_all` carries them on. For
+    pure nodes only (``NodeType.pure``), while their phase's start is committed: the
+    commit's round trip then overlaps the nodes' work instead of preceding it. Setting
+    ``abort`` tells them they are cancelled (their results are thrown away)."""
     abort = threading.Event()
-    return _early_pool.submit(invoke_all, started, inputs, state, heartbeat, abort), abort
+    calls = [
+        _NodeCall(node, phase, inputs[phase.id], credential, state, heartbeat, abort)
+        for phase, node, credential in started
+    ]
+    for call in calls:
+        call.first = call.submit()
+    return Early(calls, abort)
 
 
 def all_pure(started: list[tuple[ExecutionPhase, Any, Any]]) -> bool:
@@ -116,49 +126,71 @@ class NodeOutcome:
     logs: list[Any] = field(default_factory=list)
 
 
-def _invoke(
-    node: Any,
-    phase: ExecutionPhase,
-    inputs: dict[str, Any],
-    credential: Any,
-    state: RunState,
-    heartbeat: Heartbeat,
-    abort: threading.Event | None = None,
-) -> NodeOutcome:
-    """Run one node with its timeout and its declared retries for transient errors."""
-    from flowbuilder.platform.nodes import get_node_type
-    from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
+class _NodeCall:
+    """One node's call: its type, its log, what cancels it, its attempts."""
 
-    settings = get_settings()
-    node_type = get_node_type(phase.node_type)
-    node_log = NodeLogger()
-    timeout = float(node.timeout_seconds or node_type.timeout_seconds)
-    attempts = 1 + (int(node_type.max_retries) if node_type.retryable else 0)
-    result = NodeOutcome()
-    if abort is None:
-        cancelled = heartbeat.cancelled.is_set
-    else:
+    def __init__(
+        self,
+        node: Any,
+        phase: ExecutionPhase,
+        inputs: dict[str, Any],
+        credential: Any,
+        state: RunState,
+        heartbeat: Heartbeat,
+        abort: threading.Event | None = None,
+    ) -> None:
+        from flowbuilder.platform.nodes import get_node_type
+        from flowbuilder.platform.nodes.base import NodeLogger
 
-        def cancelled() -> bool:
-            return heartbeat.cancelled.is_set() or abort.is_set()
+        self.phase, self.inputs, self.credential, self.state = phase, inputs, credential, state
+        self.heartbeat = heartbeat
+        self.node_type = get_node_type(phase.node_type)
+        self.log = NodeLogger()
+        self.timeout = float(node.timeout_seconds or self.node_type.timeout_seconds)
+        self.abort = abort
+        # The first attempt, when it was started ahead (see start_early).
+        self.first: tuple[concurrent.futures.Future[Any], float, float] | None = None
 
-    for attempt in range(1, attempts + 1):
-        left = state.deadline - time.monotonic()
-        budget = min(timeout, left)
+    def cancelled(self) -> bool:
+        return self.heartbeat.cancelled.is_set() or (self.abort is not None and self.abort.is_set())
+
+    def submit(self) -> tuple[concurrent.futures.Future[Any], float, float] | None:
+        """One attempt on its own thread: ``(future, started, budget)``; None when the
+        run's time is out."""
+        from flowbuilder.platform.nodes.base import NodeContext
+
+        budget = min(self.timeout, self.state.deadline - time.monotonic())
         if budget <= 0:
-            result.error, result.execution_timeout = "execution time budget exhausted", True
-            break
+            return None
         ctx = NodeContext(
-            execution_id=state.execution_id,
-            user_id=state.user_id,
-            node_id=phase.node_id,
-            credential=credential,
-            log=node_log,
+            execution_id=self.state.execution_id,
+            user_id=self.state.user_id,
+            node_id=self.phase.node_id,
+            credential=self.credential,
+            log=self.log,
             deadline=time.monotonic() + budget,
-            cancelled=cancelled,
+            cancelled=self.cancelled,
         )
         started = time.monotonic()
-        future = _node_pool.submit(node_type.invoke, inputs, ctx)
+        return _node_pool.submit(self.node_type.invoke, self.inputs, ctx), started, budget
+
+
+def _invoke(call: _NodeCall) -> NodeOutcome:
+    """Run one node with its timeout and its declared retries for transient errors."""
+    from flowbuilder.platform.nodes.base import NodeCancelled, NodeError
+
+    settings = get_settings()
+    phase, inputs, credential, state = call.phase, call.inputs, call.credential, call.state
+    node_type, node_log, timeout = call.node_type, call.log, call.timeout
+    attempts = 1 + (int(node_type.max_retries) if node_type.retryable else 0)
+    result = NodeOutcome()
+    for attempt in range(1, attempts + 1):
+        first, call.first = call.first, None
+        submitted = first or call.submit()
+        if submitted is None:
+            result.error, result.execution_timeout = "execution time budget exhausted", True
+            break
+        future, started, budget = submitted
         try:
             result.outputs = future.result(timeout=budget + 0.5)
             result.error = None
@@ -173,7 +205,7 @@ def _invoke(
             break
         except TransientError as exc:
             result.error = f"{type(exc).__name__}: {exc}"
-            if attempt < attempts and not cancelled():
+            if attempt < attempts and not call.cancelled():
                 backoff = float(node_type.retry_backoff_seconds) * (2 ** (attempt - 1))
                 backoff = min(backoff, max(0.0, state.deadline - time.monotonic() - 0.1))
                 node_log.warning(

@@ -24,7 +24,6 @@ time is not the workflow's own time.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import itertools
 import threading
@@ -51,6 +50,7 @@ from flowbuilder.platform.crud._sql import driver_errors, send_command, send_sta
 from flowbuilder.platform.db import get_engine, idle_and_quiet, unit_of_work
 from flowbuilder.platform.engine.enqueue import enqueue_lock
 from flowbuilder.platform.engine.invoke import (
+    Early,
     NodeOutcome,
     all_pure,
     invoke_all,
@@ -718,10 +718,9 @@ def _run_phases(
                     on_phase_started(phase)
             # The nodes themselves, concurrently, outside any transaction: already
             # running when they were started with their phase's COMMIT (pure nodes).
-            if current.early is not None:
-                current.outcomes = current.early.result()
-            else:
-                current.outcomes = invoke_all(current.started, current.inputs, state, heartbeat)
+            current.outcomes = invoke_all(
+                current.started, current.inputs, state, heartbeat, current.early
+            )
         except BaseException:
             current.stop_early()  # the worker's time limit: the run ends, so do its nodes
             raise
@@ -1070,15 +1069,14 @@ class _GroupRun:
     outcomes: list[NodeOutcome] = field(default_factory=list)
     refusal: str | None = None
     # Pure nodes started with their phase's COMMIT, before its answer (see _fenced_step).
-    early: concurrent.futures.Future[list[NodeOutcome]] | None = None
-    abort: threading.Event | None = None
+    early: Early | None = None
 
     def start_early(self, state: RunState, heartbeat: Heartbeat) -> None:
-        self.early, self.abort = start_early(self.started, self.inputs, state, heartbeat)
+        self.early = start_early(self.started, self.inputs, state, heartbeat)
 
     def stop_early(self) -> None:
-        if self.abort is not None:
-            self.abort.set()
+        if self.early is not None:
+            self.early.abort.set()
 
 
 def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) -> RunResult | None:
