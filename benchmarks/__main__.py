@@ -150,6 +150,16 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     _r(c["ratio_to_chain"]),
                 )
             )
+        n = w.get("phase_overhead_not_pure")
+        if n:
+            out.append(
+                (
+                    f"  overhead/phase, {n['phases']} phases of 10 ms, nodes not pure (ms)",
+                    f"chain {_r(n['chain_ms_per_step'])}",
+                    _r(n["project_ms_per_phase"]),
+                    _r(n["ratio_to_chain"]),
+                )
+            )
         g = w["phase_overhead_large_outputs"]
         out.append(
             (

@@ -63,14 +63,16 @@ def interleaved(rounds: int, project: Callable[[], float], baseline: Callable[[]
 # ----------------------------------------------------------------------------- workloads
 
 
-def delays_definition(phases: int, seconds: float, data: Any = None) -> dict[str, Any]:
+def delays_definition(
+    phases: int, seconds: float, data: Any = None, node_type: str = "delay"
+) -> dict[str, Any]:
     """``phases`` delay nodes chained through their data passthrough: one phase each."""
     nodes: list[dict[str, Any]] = []
     for i in range(phases):
         inputs: dict[str, Any] = {"seconds": seconds}
         if i == 0 and data is not None:
             inputs["data"] = data
-        nodes.append({"id": f"d{i}", "type": "delay", "inputs": inputs})
+        nodes.append({"id": f"d{i}", "type": node_type, "inputs": inputs})
     edges = [
         {"source": f"d{i - 1}", "sourceHandle": "data", "target": f"d{i}", "targetHandle": "data"}
         for i in range(1, phases)
@@ -312,9 +314,10 @@ def measure_phase_overhead(
     rounds: int,
     payload: Any = None,
     name: str = "overhead",
+    node_type: str = "delay",
 ) -> dict:
     """Overhead per phase, enqueue -> done, of ``phases`` sequential phases of ``seconds``."""
-    wf = project.workflow(f"{name}{phases}", delays_definition(phases, seconds, payload))
+    wf = project.workflow(f"{name}{phases}", delays_definition(phases, seconds, payload, node_type))
     work = phases * seconds
     proj, chain, floor = [], [], []
     for _ in range(rounds):
@@ -813,6 +816,17 @@ def run(svc: Services, *, quick: bool, log: Callable[[str], None] = print) -> di
                 for n in (1, 5, 10, 20)
             }
             results["phase_overhead_by_count"][str(phases)] = results["phase_overhead"]
+        log("overhead per phase, nodes that are not pure (10 ms phases)")
+        results["phase_overhead_not_pure"] = measure_phase_overhead(
+            svc,
+            project,
+            bare,
+            phases=phases,
+            seconds=0.01,
+            rounds=rounds,
+            name="notpure",
+            node_type=bare.tasks.NOT_PURE_DELAY,
+        )
         log("overhead per phase with large outputs")
         big = payload_of(8_000 if quick else 122_000)
         results["phase_overhead_large_outputs"] = measure_phase_overhead(

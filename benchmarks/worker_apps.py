@@ -27,11 +27,26 @@ from typing import Any
 import redis
 from celery import Celery
 
+from flowbuilder.platform.nodes import register_node_type
+from flowbuilder.platform.nodes.builtin import DelayNode
 from flowbuilder.platform.settings import get_settings
 from flowbuilder.tasks.app import app as project
 from flowbuilder.tasks.app import celery_config
 
 BARE_QUEUE = "bare"
+
+
+class NotPureDelay(DelayNode):
+    """The built-in delay, declared not pure: it starts only once its phase's start is
+    committed, as a node with side effects (an HTTP request) does. Registered in the
+    harness (which validates the definitions) and in the project's workers alike."""
+
+    type = "bench_delay_not_pure"
+    pure = False
+
+
+NOT_PURE_DELAY = NotPureDelay.type
+register_node_type(NotPureDelay(), replace=True)
 
 
 def _apply_overrides(app: Celery) -> None:

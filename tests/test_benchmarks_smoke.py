@@ -53,6 +53,8 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
             "ratio_total_to_floor",
         ],
         "phase_overhead_large_outputs": ["chain_ms_per_step", "project_total_s"],
+        # The same delays declared not pure: they wait for their phase's commit.
+        "phase_overhead_not_pure": ["project_ms_per_phase", "project_total_s"],
         "throughput": ["project_runs_per_s", "bare_tasks_per_s", "ratio"],
         "drain": ["project_runs_per_s", "bare_tasks_per_s", "ratio", "short_worker_runs_per_s"],
         "wake_after_busy": ["project_ms", "bare_ms"],
@@ -67,6 +69,7 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
         for key in keys:
             assert _figure(w[measure][key]), (measure, key, w[measure][key])
     assert w["phase_overhead_large_outputs"]["payload_bytes"] > 1000
+    assert any("nodes not pure" in line for line in proc.stdout.splitlines())
     # Round trips per phase are a whole number: every extra phase costs the same.
     per_phase = w["phase_sql"]["round_trips_per_phase"]
     assert per_phase["min"] == per_phase["max"] == int(per_phase["median"])

@@ -900,97 +900,60 @@ def _fenced_step(
     current = _GroupRun()
     try:
         with transaction as (s, held, cancel, ahead):
-            return _fenced_body(
-                db,
-                s,
-                state,
-                heartbeat,
-                group,
-                previous,
-                planned,
-                settings,
-                succeeded,
-                current,
-                cancel=cancel,
-                ahead=ahead,
-                held=held,
-                whole=whole,
-            )
+            if not held:
+                return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+            if previous is not None and not succeeded:
+                ended = _record_group(s, state, previous, settings)
+                if ended is not None:
+                    return ended
+            if group is None:
+                return _complete(s, state, db.deferred)
+            stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
+            if stop and ahead is not None:
+                raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
+            if cancel or heartbeat.cancelled.is_set():
+                return _cancel_run(s, state)
+            if state.deadline - time.monotonic() <= 0:
+                return _fail_run(s, state, _timeout_message(settings))
+            for phase in group:
+                debit = None
+                try:
+                    if ahead is not None:
+                        current.inputs[phase.id], debit = ahead[phase.id]
+                    else:
+                        current.inputs[phase.id] = _inputs_of(state, phase)
+                except FlowBuilderError as exc:  # a required input upstream did not produce
+                    phase_crud.record_phase(
+                        session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
+                    )
+                    current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+                    break
+                current.refusal = _start_phase(
+                    s,
+                    state,
+                    phase,
+                    planned[phase.node_id],
+                    current.inputs[phase.id],
+                    current.started,
+                    db.deferred,
+                    debit,
+                )
+                if current.refusal is not None:
+                    # The rest of this phase does not start; what started still runs.
+                    break
+            if current.refusal is not None and not current.started:
+                return _fail_run(s, state, current.refusal)
+            if whole and current.refusal is None and all_pure(current.started):
+                # Sent whole (the only way with debits ahead and nothing read before the
+                # COMMIT): pure nodes start as soon as the COMMIT is sent, and their work
+                # overlaps its round trip. Refused, the transaction raises and they stop.
+                db.commit_sent = lambda: current.start_early(state, heartbeat)
+        return current
     except BaseException:
         # The phase's start did not commit (refused, made again, or unknown): the nodes
         # started with its COMMIT stop, and their results are never read.
         current.stop_early()
         raise
-
-
-def _fenced_body(
-    db: _RunConnection,
-    s: Session,
-    state: RunState,
-    heartbeat: Heartbeat,
-    group: list[ExecutionPhase] | None,
-    previous: _GroupRun | None,
-    planned: dict[str, Any],
-    settings: Any,
-    succeeded: bool,
-    current: _GroupRun,
-    *,
-    held: bool,
-    cancel: bool,
-    ahead: Any,
-    whole: bool,
-) -> _GroupRun | RunResult:
-    """What a fenced step's transaction does once the fence answered: record a phase
-    that failed, then start ``group`` into ``current`` (or end the run)."""
-    if not held:
-        return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-    if previous is not None and not succeeded:
-        ended = _record_group(s, state, previous, settings)
-        if ended is not None:
-            return ended
-    if group is None:
-        return _complete(s, state, db.deferred)
-    stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
-    if stop and ahead is not None:
-        raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
-    if cancel or heartbeat.cancelled.is_set():
-        return _cancel_run(s, state)
-    if state.deadline - time.monotonic() <= 0:
-        return _fail_run(s, state, _timeout_message(settings))
-    for phase in group:
-        debit = None
-        try:
-            if ahead is not None:
-                current.inputs[phase.id], debit = ahead[phase.id]
-            else:
-                current.inputs[phase.id] = _inputs_of(state, phase)
-        except FlowBuilderError as exc:  # a required input upstream did not produce
-            phase_crud.record_phase(
-                session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
-            )
-            current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
-            break
-        current.refusal = _start_phase(
-            s,
-            state,
-            phase,
-            planned[phase.node_id],
-            current.inputs[phase.id],
-            current.started,
-            db.deferred,
-            debit,
-        )
-        if current.refusal is not None:
-            # The rest of this phase does not start; what started still runs.
-            break
-    if current.refusal is not None and not current.started:
-        return _fail_run(s, state, current.refusal)
-    if whole and current.refusal is None and all_pure(current.started):
-        # Sent whole (the only way with debits ahead and nothing read before the
-        # COMMIT): pure nodes start as soon as the COMMIT is sent, and their work
-        # overlaps its round trip. Refused, the transaction raises and they stop.
-        db.commit_sent = lambda: current.start_early(state, heartbeat)
-    return current
 
 
 def _fail_on_data_error(
