@@ -4,6 +4,7 @@ reconciliation restores it from the database (real Redis, SQLite and PostgreSQL)
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -29,9 +30,13 @@ def test_the_schedule_follows_every_workflow_change(
     beat_settings: Any, session: Session, redis_prefix: tuple[str, redis.Redis]
 ) -> None:
     prefix, client = redis_prefix
+    # An hour at least one hour ahead, whenever the test runs: its :00 and :30 are then
+    # both the next fires, 30 minutes apart (a fixed 09:00 was not, between 09:00 and
+    # 09:30 UTC, when the next 09:00 is tomorrow's and the next 09:30 today's).
+    hour = (datetime.now(UTC).hour + 2) % 24
     user = make_user(session, credits=10)
     wf = make_workflow(
-        session, user, definition=json_definition(2), cron="0 9 * * *", timezone="UTC"
+        session, user, definition=json_definition(2), cron=f"0 {hour} * * *", timezone="UTC"
     )
     session.commit()
     assert _entries(client, prefix) == {}  # a draft is not scheduled
@@ -49,11 +54,11 @@ def test_the_schedule_follows_every_workflow_change(
         session.commit()
 
     before = _entries(client, prefix)[wid]
-    update(cron="30 9 * * *")
+    update(cron=f"30 {hour} * * *")
     assert _entries(client, prefix)[wid] == _score(session, wf) == before + 1800
-    update(timezone="Asia/Tokyo")  # 09:30 in Tokyo is 00:30 UTC
+    update(timezone="Asia/Tokyo")  # UTC+9, no daylight saving time
     assert _entries(client, prefix)[wid] == _score(session, wf)
-    assert wf.next_run_at.hour == 0 and wf.next_run_at.minute == 30
+    assert wf.next_run_at.hour == (hour - 9) % 24 and wf.next_run_at.minute == 30
 
     # A rolled-back change never reaches Redis.
     workflow_crud.update_workflow(
