@@ -87,17 +87,23 @@ def start_early(
         _NodeCall(node, phase, inputs[phase.id], credential, state, heartbeat, abort)
         for phase, node, credential in started
     ]
-    for call in calls:
-        call.first = call.submit()
+    try:
+        for call in calls:
+            call.first = call.submit()
+    except BaseException:
+        abort.set()  # what did start stops: the phase's nodes run the common way
+        raise
     return Early(calls, abort)
 
 
 def all_pure(started: list[tuple[ExecutionPhase, Any, Any]]) -> bool:
     """Whether every node of a phase may start before the phase's start is committed."""
-    from flowbuilder.platform.nodes import get_node_type
+    from flowbuilder.platform.nodes import find_node_type
 
+    # An unknown type (unregistered since the plan was made) is not pure: it fails on the
+    # common path, after its phase's start, as before.
     return all(
-        credential is None and get_node_type(phase.node_type).pure
+        credential is None and getattr(find_node_type(phase.node_type), "pure", False)
         for phase, _node, credential in started
     )
 

@@ -1035,7 +1035,12 @@ class _GroupRun:
     early: Early | None = None
 
     def start_early(self, state: RunState, heartbeat: Heartbeat) -> None:
-        self.early = start_early(self.started, self.inputs, state, heartbeat)
+        try:
+            self.early = start_early(self.started, self.inputs, state, heartbeat)
+        except RuntimeError:
+            # No new threads (the interpreter is shutting down): the nodes start after
+            # the commit, the common way, or not at all.
+            self.early = None
 
     def stop_early(self) -> None:
         if self.early is not None:

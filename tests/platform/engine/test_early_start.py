@@ -228,3 +228,36 @@ def test_a_refused_phase_stops_its_early_nodes_and_keeps_nothing_of_them(
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED, PhaseStatus.FAILED]
     assert phases[1].outputs is None and phases[1].credits_charged == 0
     assert _balanced(session, user) == 0
+
+
+def test_no_thread_for_an_early_start_runs_the_phase_the_common_way(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No new thread can start (the interpreter is shutting down): the pure node runs
+    after its phase's commit instead, the common way, and the run completes."""
+    from flowbuilder.platform.engine import run as run_module
+
+    refused: list[bool] = []
+
+    def refusing(*args: Any, **kwargs: Any) -> Any:
+        refused.append(True)
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(run_module, "start_early", refusing)
+    user, ex = _prepare(session, "test_pure_probe")
+    result = run_execution(ex.id)
+    assert refused and result.outcome == Outcome.COMPLETED
+    assert _probe.committed_running is True  # it ran after the commit
+    assert _balanced(session, user) == 9
+
+
+def test_a_type_no_longer_registered_is_not_pure() -> None:
+    from flowbuilder.platform.engine.invoke import all_pure
+
+    class _Phase:
+        node_type = "test_no_such_type"
+
+    assert all_pure([(_Phase(), None, None)]) is False
+    _Phase.node_type = "delay"
+    assert all_pure([(_Phase(), None, None)]) is True
+    assert all_pure([(_Phase(), None, object())]) is False  # a credential: never early
