@@ -87,13 +87,26 @@ def start_early(
         _NodeCall(node, phase, inputs[phase.id], credential, state, heartbeat, abort)
         for phase, node, credential in started
     ]
+    begun = [threading.Event() for _ in calls]
     try:
-        for call in calls:
-            call.first = call.submit()
+        for call, event in zip(calls, begun, strict=True):
+            call.first = call.submit(begun=event)
     except BaseException:
         abort.set()  # what did start stops: the phase's nodes run the common way
         raise
+    # Wait (briefly) for the nodes to be running. The caller's own work (its transaction)
+    # is Python that holds the GIL until it waits on the database: a node thread woken
+    # meanwhile would start only then. A node that waits (I/O, a delay) then lets the
+    # caller go on at once; a node busy computing shares the GIL either way.
+    until = time.monotonic() + _BEGIN_WAIT_SECONDS
+    for event in begun:
+        if not event.wait(max(0.0, until - time.monotonic())):
+            break  # the pool is busy (timed-out nodes still running): go on regardless
     return Early(calls, abort)
+
+
+# How long start_early waits for its nodes' threads to be running.
+_BEGIN_WAIT_SECONDS = 0.05
 
 
 def all_pure(started: list[tuple[ExecutionPhase, Any, Any]]) -> bool:
@@ -160,9 +173,11 @@ class _NodeCall:
     def cancelled(self) -> bool:
         return self.heartbeat.cancelled.is_set() or (self.abort is not None and self.abort.is_set())
 
-    def submit(self) -> tuple[concurrent.futures.Future[Any], float, float] | None:
+    def submit(
+        self, begun: threading.Event | None = None
+    ) -> tuple[concurrent.futures.Future[Any], float, float] | None:
         """One attempt on its own thread: ``(future, started, budget)``; None when the
-        run's time is out."""
+        run's time is out. ``begun`` is set when the thread starts the node."""
         from flowbuilder.platform.nodes.base import NodeContext
 
         budget = min(self.timeout, self.state.deadline - time.monotonic())
@@ -178,7 +193,15 @@ class _NodeCall:
             cancelled=self.cancelled,
         )
         started = time.monotonic()
-        return _node_pool.submit(self.node_type.invoke, self.inputs, ctx), started, budget
+        invoke = self.node_type.invoke
+        if begun is not None:
+            node_invoke = invoke
+
+            def invoke(inputs: dict[str, Any], ctx: NodeContext) -> Any:
+                begun.set()
+                return node_invoke(inputs, ctx)
+
+        return _node_pool.submit(invoke, self.inputs, ctx), started, budget
 
 
 def _invoke(call: _NodeCall) -> NodeOutcome:

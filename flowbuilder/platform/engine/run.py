@@ -29,7 +29,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,9 +194,6 @@ class _RunConnection:
         self.batches = engine.dialect.driver == "psycopg"
         # Writes sent with the COMMIT of the current transaction (see phase_crud.record_phase).
         self.deferred: list[tuple[Any, dict[str, Any]]] = []
-        # Called once a transaction sent whole is on its way, COMMIT included, before its
-        # answer is read (see sent_whole); reset when the transaction ends.
-        self.commit_sent: Callable[[], None] | None = None
 
     def _connection(self) -> Connection:
         if self._conn is not None and (self._conn.invalidated or self._conn.closed):
@@ -240,9 +237,8 @@ class _RunConnection:
             self._ended()
 
     def _ended(self) -> None:
-        """The transaction is over: nothing deferred or to call is left for the next."""
+        """The transaction is over: nothing deferred is left for the next."""
         self.deferred = []
-        self.commit_sent = None
         self._driver_idle()
 
     @contextlib.contextmanager
@@ -379,11 +375,7 @@ class _RunConnection:
         commits. That raises :class:`_Unspeculate` once rolled back, and the step is made
         again the way that reads answers and says why. A connection lost on the way leaves
         the commit unknown: the error goes to run_execution (TransientError), and the run
-        resumes from what the database holds, as when any COMMIT's answer is lost.
-
-        ``commit_sent()``, when the body set it, is called once everything is sent,
-        before the answers are read: the server runs the transaction (and flushes its
-        COMMIT to disk) meanwhile."""
+        resumes from what the database holds, as when any COMMIT's answer is lost."""
         self.deferred = []
         with self._bare_session() as session:
             conn = session.connection()
@@ -404,9 +396,6 @@ class _RunConnection:
                         for statement, params in self.deferred:
                             send_statement(conn, statement, params)
                         send_command(conn, "COMMIT")
-                        sent, self.commit_sent = self.commit_sent, None
-                        if sent is not None:
-                            sent()
             except DBAPIError as exc:
                 if getattr(exc.orig, "sqlstate", None) == _REFUSED:
                     raise _Unspeculate from exc
@@ -832,6 +821,13 @@ def _step(
         # Read back before the phase starts: one node only, so that a refused debit
         # leaves no other debit of this transaction without its phase.
         ahead = group
+    # Sent whole, a phase of pure nodes starts now, before its transaction is even built:
+    # the nodes' work overlaps all of it (see _start_at_once).
+    early = (
+        _start_at_once(state, heartbeat, group, planned, previous if succeeded else None)
+        if whole
+        else None
+    )
     writes = undo = None
     if succeeded or ahead is not None:
         run = previous if succeeded else None
@@ -841,7 +837,9 @@ def _step(
                 _record_group(s, state, run, settings)
             if ahead is None:
                 return None
-            sent = _send_debits_ahead(s, state, ahead, or_abort=whole)
+            sent = _send_debits_ahead(
+                s, state, ahead, or_abort=whole, inputs=early[0] if early else None
+            )
             if sent is None and whole:
                 raise _Unspeculate  # an input does not resolve: the common path fails it
             return sent
@@ -849,7 +847,7 @@ def _step(
         if run is not None or whole:
             undo = _memory_snapshot(state, run, ahead if whole and ahead is not None else [])
     try:
-        return _fenced_step(
+        made = _fenced_step(
             db,
             state,
             heartbeat,
@@ -861,32 +859,105 @@ def _step(
             writes,
             undo,
             whole=whole,
+            early=early[1] if early else None,
         )
-    except _Unspeculate:
+    except BaseException as exc:
+        if early is not None:
+            # The phase's start did not commit (refused, made again, or unknown): the
+            # nodes started ahead stop, and their results are never read.
+            early[1].abort.set()
+        if not isinstance(exc, _Unspeculate):
+            raise
         if undo is not None:
             undo()
         return _step(db, state, heartbeat, group, previous, planned, settings, speculate=False)
+    if early is not None and (
+        not isinstance(made, _GroupRun) or len(made.started) != len(early[1].calls)
+    ):
+        early[1].abort.set()  # the run ended here instead, or not every node started
+    return made
 
 
-def _inputs_of(state: RunState, phase: ExecutionPhase) -> dict[str, Any]:
+def _start_at_once(
+    state: RunState,
+    heartbeat: Heartbeat,
+    group: list[ExecutionPhase] | None,
+    planned: dict[str, Any],
+    finished: _GroupRun | None,
+) -> tuple[dict[uuid.UUID, dict[str, Any]], Early] | None:
+    """Start a phase's nodes before its transaction is sent, when they are all pure
+    (``NodeType.pure``: they compute from their inputs alone, so running them before their
+    start is committed changes nothing anywhere) and need no credential: ``(their inputs,
+    the calls started)``. Only for a transaction sent whole (see :meth:`_step`), which
+    either commits every node's start or is refused as a whole; refused, the nodes are
+    told to stop and the step is made again the common way. None when the phase is not
+    such a phase, an input does not resolve (the common path fails it), or no thread can
+    start (interpreter shutdown). ``finished``: the phase that succeeded just before,
+    whose outputs the transaction is about to record (and to keep in ``state``)."""
+    if group is None:
+        return None
+    started = [(phase, planned[phase.node_id], None) for phase in group]
+    if any(node.credential_id is not None for _p, node, _c in started) or not all_pure(started):
+        return None
+    outputs: Mapping[str, Any] = state.outputs_by_node
+    if finished is not None:
+        outputs = collections.ChainMap(
+            {
+                phase.node_id: _stored_outputs(outcome)
+                for (phase, _n, _c), outcome in zip(
+                    finished.started, finished.outcomes, strict=True
+                )
+            },
+            state.outputs_by_node,
+        )
+    try:
+        inputs = {phase.id: _inputs_of(state, phase, outputs) for phase in group}
+    except FlowBuilderError:
+        return None
+    try:
+        return inputs, start_early(started, inputs, state, heartbeat)
+    except RuntimeError:
+        return None
+
+
+def _inputs_of(
+    state: RunState, phase: ExecutionPhase, outputs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     # serialised: their stored text reuses the upstream outputs' text.
     return state.plan.resolve_inputs(
-        phase.node_id, state.outputs_by_node, hand_over_sole=True, serialised=True
+        phase.node_id,
+        state.outputs_by_node if outputs is None else outputs,
+        hand_over_sole=True,
+        serialised=True,
     )
 
 
+def _stored_outputs(outcome: NodeOutcome) -> Any:
+    """A succeeded node's outputs as they are stored and passed on: with the JSON text
+    made at the node boundary, so they are not serialised a second time."""
+    if outcome.outputs_json is not None:
+        return SerialisedJSON(outcome.outputs, outcome.outputs_json)
+    return outcome.outputs
+
+
 def _send_debits_ahead(
-    s: Session, state: RunState, phases: list[ExecutionPhase], *, or_abort: bool = False
+    s: Session,
+    state: RunState,
+    phases: list[ExecutionPhase],
+    *,
+    or_abort: bool = False,
+    inputs: dict[uuid.UUID, dict[str, Any]] | None = None,
 ) -> dict[uuid.UUID, tuple[dict[str, Any], Any]] | None:
-    """Each phase's inputs and its debit (None for a phase that costs nothing), queued in
-    the fence's batch; None, with nothing queued, when an input does not resolve (the
-    phase then fails on the common path, charged nothing). With ``or_abort`` (a
-    transaction sent whole), each debit is made now or the transaction fails: the
-    function that reads its answer has nothing to read."""
-    try:
-        inputs = {phase.id: _inputs_of(state, phase) for phase in phases}
-    except FlowBuilderError:
-        return None
+    """Each phase's inputs (resolved here unless given) and its debit (None for a phase
+    that costs nothing), queued in the fence's batch; None, with nothing queued, when an
+    input does not resolve (the phase then fails on the common path, charged nothing).
+    With ``or_abort`` (a transaction sent whole), each debit is made now or the
+    transaction fails: the function that reads its answer has nothing to read."""
+    if inputs is None:
+        try:
+            inputs = {phase.id: _inputs_of(state, phase) for phase in phases}
+        except FlowBuilderError:
+            return None
     send = balance_crud.send_debit_or_abort if or_abort else balance_crud.send_debit_once
     sent: dict[uuid.UUID, tuple[dict[str, Any], Any]] = {}
     for phase in phases:
@@ -928,13 +999,15 @@ def _fenced_step(
     undo: Callable[[], None] | None,
     *,
     whole: bool = False,
+    early: Early | None = None,
 ) -> _GroupRun | RunResult:
     transaction = (
         db.sent_whole(state, writes)  # type: ignore[arg-type]  # whole: writes is set
         if whole
         else db.fenced(state, writes, undo)
     )
-    current = _GroupRun()
+    # The nodes started ahead (see _start_at_once): carried on once their start commits.
+    current = _GroupRun(early=early)
     try:
         with transaction as (s, held, cancel, ahead):
             if not held:
@@ -980,15 +1053,10 @@ def _fenced_step(
                     break
             if current.refusal is not None and not current.started:
                 return _fail_run(s, state, current.refusal)
-            if whole and current.refusal is None and all_pure(current.started):
-                # Sent whole (the only way with debits ahead and nothing read before the
-                # COMMIT): pure nodes start as soon as the COMMIT is sent, and their work
-                # overlaps its round trip. Refused, the transaction raises and they stop.
-                db.commit_sent = lambda: current.start_early(state, heartbeat)
         return current
     except BaseException:
         # The phase's start did not commit (refused, made again, or unknown): the nodes
-        # started with its COMMIT stop, and their results are never read.
+        # started ahead stop, and their results are never read.
         current.stop_early()
         raise
 
@@ -1068,16 +1136,8 @@ class _GroupRun:
     inputs: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     outcomes: list[NodeOutcome] = field(default_factory=list)
     refusal: str | None = None
-    # Pure nodes started with their phase's COMMIT, before its answer (see _fenced_step).
+    # Pure nodes started before their phase's start was committed (see _start_at_once).
     early: Early | None = None
-
-    def start_early(self, state: RunState, heartbeat: Heartbeat) -> None:
-        try:
-            self.early = start_early(self.started, self.inputs, state, heartbeat)
-        except RuntimeError:
-            # No new threads (the interpreter is shutting down): the nodes start after
-            # the commit, the common way, or not at all.
-            self.early = None
 
     def stop_early(self) -> None:
         if self.early is not None:
@@ -1097,10 +1157,7 @@ def _record_group(s: Session, state: RunState, run: _GroupRun, settings: Any) ->
             first_seq=state.next_seq,
         )
         if outcome.error is None:
-            outputs = outcome.outputs  # made storable at the node boundary (invoke)
-            if outcome.outputs_json is not None:
-                # Stored as the text made at the boundary, not serialised a second time.
-                outputs = SerialisedJSON(outputs, outcome.outputs_json)
+            outputs = _stored_outputs(outcome)  # made storable at the node boundary (invoke)
             phase_crud.record_phase(
                 session=s, phase=phase, status=PhaseStatus.COMPLETED, outputs=outputs
             )

@@ -1,4 +1,4 @@
-"""Pure nodes start with their phase's COMMIT, before its answer (PostgreSQL on psycopg).
+"""Pure nodes start before their phase's start is committed (PostgreSQL on psycopg).
 
 A phase sent whole (see test_run_whole.py) is on its way, COMMIT included, before any
 answer is read. When every node of the phase is of a pure type (``NodeType.pure``: it
@@ -63,6 +63,7 @@ class _Probe:
         self.committed_running: bool | None = None
         self.saw_cancel = threading.Event()
         self.wait_for_cancel = False
+        self.inputs: dict[str, Any] | None = None
 
 
 _lock = _Lock()
@@ -84,6 +85,7 @@ def _locker(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def _probe_run(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    _probe.inputs = dict(inputs)
     _probe.committed_running = _phase_status(ctx.execution_id, ctx.node_id) == PhaseStatus.RUNNING
     _probe.ran.set()
     if _probe.wait_for_cancel:
@@ -109,6 +111,7 @@ def _node(type_: str, run: Any, *, pure: bool) -> NodeType:
 
 _NODES = [
     _node("test_locker", _locker, pure=False),
+    _node("test_plain", lambda inputs, ctx: {"done": "from n0"}, pure=False),
     _node("test_pure_probe", _probe_run, pure=True),
     _node("test_impure_probe", _probe_run, pure=False),
 ]
@@ -179,6 +182,37 @@ def test_a_pure_node_starts_before_its_phase_start_is_committed(session: Session
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 2
     assert phases[1].outputs == {"done": True}
+    assert _balanced(session, user) == 8
+
+
+def test_a_pure_node_starts_before_its_phase_transaction_is_sent(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its inputs come from the phase before, whose results that same transaction is to
+    record: the node runs with them before the transaction is even built, and its work
+    overlaps all of it."""
+    from flowbuilder.platform.engine import run as run_module
+
+    seen: list[bool] = []  # at each transaction sent whole: has the probe run?
+    sent_whole = run_module._RunConnection.sent_whole
+
+    def watched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # The second one records n0 and starts n1: nothing of it is sent until the probe
+        # has run (which never happens if the probe waits for this transaction).
+        seen.append(_probe.ran.wait(_WAIT) if len(seen) == 1 else _probe.ran.is_set())
+        return sent_whole(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module._RunConnection, "sent_whole", watched)
+    user, ex = _prepare(session, "test_plain", "test_pure_probe")
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.COMPLETED
+    # Start n0; record n0 and start n1; record n1 and end the run.
+    assert seen == [False, True, True]
+    assert _probe.inputs == {"after": "from n0"}
+    assert _probe.committed_running is False
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 2
+    assert phases[1].inputs == {"after": "from n0"}
     assert _balanced(session, user) == 8
 
 
