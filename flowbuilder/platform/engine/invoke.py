@@ -79,9 +79,10 @@ def start_early(
     heartbeat: Heartbeat,
 ) -> Early:
     """Start the first attempt of each node now; :func:`invoke_all` carries them on. For
-    pure nodes only (``NodeType.pure``), while their phase's start is committed: the
-    commit's round trip then overlaps the nodes' work instead of preceding it. Setting
-    ``abort`` tells them they are cancelled (their results are thrown away)."""
+    pure nodes only (``NodeType.pure``), before their phase's start is committed: the
+    transaction that starts them (and records the phase before) is built, sent and
+    committed while they work, instead of before. Setting ``abort`` tells them they are
+    cancelled (their results are thrown away)."""
     abort = threading.Event()
     calls = [
         _NodeCall(node, phase, inputs[phase.id], credential, state, heartbeat, abort)

@@ -262,9 +262,9 @@ class NodeType:
     keeps_inputs: bool = False
     # True only for a type whose ``run`` computes from its inputs and nothing else: no
     # call out of the process, no credential, nothing it changes that outlives the call,
-    # its inputs included (never changed in place). The engine may then start it while
-    # its phase's start is still being committed and throw its result away if that
-    # commit is refused (the run was cancelled, its lease lost, its credits short, or the
+    # its inputs included (never changed in place). The engine may then start it before
+    # its phase's start is committed and throw its result away if that transaction is
+    # refused (the run was cancelled, its lease lost, its credits short, or the
     # phase already debited by an earlier delivery: then it runs again, with the same
     # inputs). Wrong, a refused phase would still have had its effect (a request sent
     # without being paid for, after a cancel); the default waits.

@@ -2,10 +2,11 @@
 
 A phase sent whole (see test_run_whole.py) is on its way, COMMIT included, before any
 answer is read. When every node of the phase is of a pure type (``NodeType.pure``: it
-computes from its inputs only), the nodes start right then and their work overlaps the
-commit's round trip. If that transaction is refused, the nodes are told to stop and their
-results are never read. A node that is not pure starts only once its phase's start is
-committed, as before.
+computes from its inputs only), the nodes start before that transaction is even built,
+with the outputs of the phase it records as their inputs, and their work overlaps all of
+it. If that transaction is refused, the nodes are told to stop and their results are
+never read. A node that is not pure starts only once its phase's start is committed, as
+before.
 
 The probes below look at the database from their own connection while they run: the
 phase of an early node is not committed as running yet when a lock held by the test
