@@ -92,17 +92,20 @@ def start_early(
     try:
         for call, event in zip(calls, begun, strict=True):
             call.first = call.submit(begun=event)
+        # Wait (briefly) for the nodes to be running. The caller's own work (its
+        # transaction) is Python that holds the GIL until it waits on the database: a
+        # node thread woken meanwhile would start only then. A node that waits (I/O, a
+        # delay) then lets the caller go on at once; one busy computing shares the GIL
+        # either way.
+        until = time.monotonic() + _BEGIN_WAIT_SECONDS
+        for event in begun:
+            if not event.wait(max(0.0, until - time.monotonic())):
+                break  # the pool is busy (timed-out nodes still running): go on anyway
     except BaseException:
-        abort.set()  # what did start stops: the phase's nodes run the common way
+        # A full pool (interpreter shutdown), or the worker's time limit while waiting:
+        # what did start stops, and the phase's nodes run the common way or not at all.
+        abort.set()
         raise
-    # Wait (briefly) for the nodes to be running. The caller's own work (its transaction)
-    # is Python that holds the GIL until it waits on the database: a node thread woken
-    # meanwhile would start only then. A node that waits (I/O, a delay) then lets the
-    # caller go on at once; a node busy computing shares the GIL either way.
-    until = time.monotonic() + _BEGIN_WAIT_SECONDS
-    for event in begun:
-        if not event.wait(max(0.0, until - time.monotonic())):
-            break  # the pool is busy (timed-out nodes still running): go on regardless
     return Early(calls, abort)
 
 

@@ -821,13 +821,7 @@ def _step(
         # Read back before the phase starts: one node only, so that a refused debit
         # leaves no other debit of this transaction without its phase.
         ahead = group
-    # Sent whole, a phase of pure nodes starts now, before its transaction is even built:
-    # the nodes' work overlaps all of it (see _start_at_once).
-    early = (
-        _start_at_once(state, heartbeat, group, planned, previous if succeeded else None)
-        if whole
-        else None
-    )
+    early: tuple[dict[uuid.UUID, dict[str, Any]], Early] | None = None  # set below
     writes = undo = None
     if succeeded or ahead is not None:
         run = previous if succeeded else None
@@ -846,6 +840,10 @@ def _step(
 
         if run is not None or whole:
             undo = _memory_snapshot(state, run, ahead if whole and ahead is not None else [])
+    if whole:
+        # A phase of pure nodes starts now, before its transaction is even built: the
+        # nodes' work overlaps all of it (see _start_at_once).
+        early = _start_at_once(state, heartbeat, group, planned, previous if succeeded else None)
     try:
         made = _fenced_step(
             db,
