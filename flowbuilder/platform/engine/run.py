@@ -729,7 +729,7 @@ def _run_phases(
                 for phase, _node, _credential in current.started:
                     on_phase_started(phase)
             # The nodes themselves, concurrently, outside any transaction: already
-            # running when they were started with their phase's COMMIT (pure nodes).
+            # running when they were started ahead of their phase's transaction (pure nodes).
             current.outcomes = invoke_all(
                 current.started, current.inputs, state, heartbeat, current.early
             )
