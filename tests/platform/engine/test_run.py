@@ -433,20 +433,22 @@ def test_node_timeout_fails_phase(engine, session: Session) -> None:
 
 
 def test_execution_timeout(engine, session: Session) -> None:
-    with override_settings(EXECUTION_TIMEOUT_SECONDS=0.5, SQS_VISIBILITY_TIMEOUT=10):
+    # The first delay ends 0.8 s before the run's time is out (room for a slow machine:
+    # 0.2 s was not always enough on SQLite), the second one cannot.
+    with override_settings(EXECUTION_TIMEOUT_SECONDS=2.0, SQS_VISIBILITY_TIMEOUT=10):
         user, _, ex = _prepare(
             session,
             _chain(
-                ("delay", {"seconds": 0.3}),
-                ("delay", {"seconds": 0.3}),
-                ("delay", {"seconds": 0.3}),
+                ("delay", {"seconds": 1.2}),
+                ("delay", {"seconds": 1.2}),
+                ("delay", {"seconds": 1.2}),
             ),
             credits=10,
         )
         run_execution(ex.id)
     ex = _reload(session, ex)
     assert ex.status == ExecutionStatus.FAILED
-    assert ex.error == "execution timed out after 0.5s"
+    assert ex.error == "execution timed out after 2s"
     statuses = [
         p.status
         for p in phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
