@@ -98,7 +98,9 @@ def start_early(
         # delay) then lets the caller go on at once; one busy computing shares the GIL
         # either way.
         until = time.monotonic() + _BEGIN_WAIT_SECONDS
-        for event in begun:
+        for call, event in zip(calls, begun, strict=True):
+            if call.first is None:  # not submitted: the run's time is out
+                continue
             if not event.wait(max(0.0, until - time.monotonic())):
                 break  # the pool is busy (timed-out nodes still running): go on anyway
     except BaseException:
