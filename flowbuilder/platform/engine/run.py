@@ -1006,57 +1006,51 @@ def _fenced_step(
     )
     # The nodes started ahead (see _start_at_once): carried on once their start commits.
     current = _GroupRun(early=early)
-    try:
-        with transaction as (s, held, cancel, ahead):
-            if not held:
-                return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
-            if previous is not None and not succeeded:
-                ended = _record_group(s, state, previous, settings)
-                if ended is not None:
-                    return ended
-            if group is None:
-                return _complete(s, state, db.deferred)
-            stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
-            if stop and ahead is not None:
-                raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
-            if cancel or heartbeat.cancelled.is_set():
-                return _cancel_run(s, state)
-            if state.deadline - time.monotonic() <= 0:
-                return _fail_run(s, state, _timeout_message(settings))
-            for phase in group:
-                debit = None
-                try:
-                    if ahead is not None:
-                        current.inputs[phase.id], debit = ahead[phase.id]
-                    else:
-                        current.inputs[phase.id] = _inputs_of(state, phase)
-                except FlowBuilderError as exc:  # a required input upstream did not produce
-                    phase_crud.record_phase(
-                        session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
-                    )
-                    current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
-                    break
-                current.refusal = _start_phase(
-                    s,
-                    state,
-                    phase,
-                    planned[phase.node_id],
-                    current.inputs[phase.id],
-                    current.started,
-                    db.deferred,
-                    debit,
+    with transaction as (s, held, cancel, ahead):
+        if not held:
+            return RunResult(Outcome.LEASE_LOST, phases_run=state.phases_run)
+        if previous is not None and not succeeded:
+            ended = _record_group(s, state, previous, settings)
+            if ended is not None:
+                return ended
+        if group is None:
+            return _complete(s, state, db.deferred)
+        stop = cancel or heartbeat.cancelled.is_set() or state.deadline - time.monotonic() <= 0
+        if stop and ahead is not None:
+            raise _Unspeculate  # rolls this transaction back, the debit sent ahead with it
+        if cancel or heartbeat.cancelled.is_set():
+            return _cancel_run(s, state)
+        if state.deadline - time.monotonic() <= 0:
+            return _fail_run(s, state, _timeout_message(settings))
+        for phase in group:
+            debit = None
+            try:
+                if ahead is not None:
+                    current.inputs[phase.id], debit = ahead[phase.id]
+                else:
+                    current.inputs[phase.id] = _inputs_of(state, phase)
+            except FlowBuilderError as exc:  # a required input upstream did not produce
+                phase_crud.record_phase(
+                    session=s, phase=phase, status=PhaseStatus.FAILED, error=str(exc)
                 )
-                if current.refusal is not None:
-                    # The rest of this phase does not start; what started still runs.
-                    break
-            if current.refusal is not None and not current.started:
-                return _fail_run(s, state, current.refusal)
-        return current
-    except BaseException:
-        # The phase's start did not commit (refused, made again, or unknown): the nodes
-        # started ahead stop, and their results are never read.
-        current.stop_early()
-        raise
+                current.refusal = f"phase {phase.node_id} ({phase.node_type}) failed: {exc}"
+                break
+            current.refusal = _start_phase(
+                s,
+                state,
+                phase,
+                planned[phase.node_id],
+                current.inputs[phase.id],
+                current.started,
+                db.deferred,
+                debit,
+            )
+            if current.refusal is not None:
+                # The rest of this phase does not start; what started still runs.
+                break
+        if current.refusal is not None and not current.started:
+            return _fail_run(s, state, current.refusal)
+    return current
 
 
 def _fail_on_data_error(
