@@ -894,8 +894,9 @@ def _start_at_once(
     whose outputs the transaction is about to record (and to keep in ``state``)."""
     if group is None:
         return None
+    # No credential to load: a transaction is sent whole only for such phases (_step).
     started = [(phase, planned[phase.node_id], None) for phase in group]
-    if any(node.credential_id is not None for _p, node, _c in started) or not all_pure(started):
+    if not all_pure(started):
         return None
     outputs: Mapping[str, Any] = state.outputs_by_node
     if finished is not None:
