@@ -140,6 +140,19 @@ def _parse_uuid(value: str, what: str) -> uuid.UUID:
         raise typer.BadParameter(f"{value[:60]!r} is not a UUID", param_hint=what) from None
 
 
+def _wait_for_sends(timeout: float = 30.0) -> None:
+    """Wait for this process's execution messages to leave (they are sent in the
+    background); say so if one has not, as its run then waits for the sweep."""
+    from flowbuilder.tasks import wait_for_sends
+
+    if not wait_for_sends(timeout):
+        typer.echo(
+            f"warning: an execution message was not sent within {timeout:g}s; "
+            "the sweep sends it again later",
+            err=True,
+        )
+
+
 def _resolve_user(session: Any, ref: str) -> Any:
     """A user by id or by e-mail address."""
     from sqlmodel import select
@@ -625,6 +638,9 @@ def run(
             correlation_id=f"cli-{uuid.uuid4().hex[:12]}",
         )
         execution_id = execution.id
+    # Committed; its message leaves in the background: wait for it before saying so (and
+    # before the process may exit).
+    _wait_for_sends()
     typer.echo(f"workflow {workflow_id} published; execution {execution_id} enqueued")
     if not wait:
         return
@@ -852,6 +868,7 @@ def demo(timeout: float = typer.Option(60.0, help="Seconds to wait for the run."
         execution = enqueue_execution(
             session, workflow.id, user.id, correlation_id=f"demo-{uuid.uuid4().hex[:8]}"
         )
+    _wait_for_sends()
     typer.echo(f"enqueued execution {execution.id}")
 
     worker = app.Worker(

@@ -1,7 +1,8 @@
 """Celery app and worker tasks: ``celery -A flowbuilder.tasks worker``.
 
-The API imports :func:`enqueue_execution` from here; it sends ``execute_workflow`` only
-after the caller's transaction commits.
+The API imports :func:`enqueue_execution` from here; a worker runs ``execute_workflow``
+only once the caller's transaction has committed. The message is sent in the background
+(:func:`wait_for_sends` waits for it).
 """
 
 from flowbuilder.tasks.app import app
@@ -11,6 +12,7 @@ from flowbuilder.tasks.execution import (
     execute_workflow,
     send_after_commit,
     sweep_stale_executions,
+    wait_for_sends,
 )
 
 celery = app
@@ -23,4 +25,5 @@ __all__ = [
     "execute_workflow",
     "send_after_commit",
     "sweep_stale_executions",
+    "wait_for_sends",
 ]

@@ -38,9 +38,6 @@ register_time_limit_error(SoftTimeLimitExceeded)
 
 _PENDING_SENDS = "flowbuilder.pending_sends"
 _EARLY_SENDS = "flowbuilder.early_sends"
-# How long a commit waits for an early send still in flight (kombu's own retries and
-# boto3's timeouts end it well before; past this the sweep has it anyway).
-_EARLY_SEND_WAIT_SECONDS = 60.0
 
 
 class ExecutionTask(Task):
@@ -187,7 +184,8 @@ def send_after_commit(
     """Send the task once ``session``'s transaction commits; never if it rolls back.
 
     A worker must never receive an id whose row it cannot see yet, and a rolled-back
-    execution must never run.
+    execution must never run. The send itself runs in the background (see
+    :func:`wait_for_sends`): ``commit()`` returns once the run is committed.
     """
     session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id, queue))
 
@@ -198,31 +196,105 @@ def send_while_committing(
     correlation_id: str | None = None,
     queue: str | None = None,
 ) -> None:
-    """Start the send now, in a background thread; the commit waits for it to finish.
+    """Start the send now, in a background thread.
 
     Only for an execution whose row ``session``'s transaction has written under its
     enqueue lock (``engine.enqueue.enqueue_lock``, PostgreSQL): a worker that receives the
     message before the commit finds no row, waits for that lock, and looks again; after a
     rollback it finds none and drops the message. The SQS send (a few milliseconds,
     mostly waiting for the service) then overlaps the rest of the caller's transaction
-    and its COMMIT instead of following them.
+    and its COMMIT instead of following them, so the run reaches the queue sooner.
     """
     started = threading.Event()
+    if _submit_send(execution_id, correlation_id, queue, started) is None:
+        return
+    session.info.setdefault(_EARLY_SENDS, []).append(execution_id)
+    with _in_flight_lock:
+        thread_free = len(_in_flight) <= _SEND_THREADS
+    if thread_free:
+        # Wait (briefly) for the send thread to start. It then holds the GIL until its
+        # request is on the wire, and this thread's remaining work overlaps the wait for
+        # SQS's answer; otherwise the send would start only when this thread next blocks.
+        # Not when every send thread is busy: this send waits its turn, the caller not.
+        started.wait(0.05)
+
+
+# The sends of this process still in flight. An enqueue's caller does not wait for its
+# send: the committed row is the record of the run, and the message only wakes a worker
+# (the transactional-outbox pattern). A send that fails, or never happens because the
+# process is killed first, leaves the run pending, and the sweep sends it again once
+# SWEEP_PENDING_AFTER_SECONDS have passed; what the caller could have done about a failed
+# send is nothing more (it was only ever logged). Bounded: past _MAX_SENDS_IN_FLIGHT the
+# next enqueue waits for a slot (back-pressure when SQS is slow), and past
+# _SEND_SLOT_WAIT_SECONDS it leaves that run to the sweep rather than hold its caller.
+_MAX_SENDS_IN_FLIGHT = 256
+_SEND_THREADS = 4
+_SEND_SLOT_WAIT_SECONDS = 10.0
+_in_flight: set[concurrent.futures.Future[None]] = set()
+_in_flight_lock = threading.Lock()
+_slots = threading.BoundedSemaphore(_MAX_SENDS_IN_FLIGHT)
+
+
+def _submit_send(
+    execution_id: uuid.UUID,
+    correlation_id: str | None,
+    queue: str | None,
+    started: threading.Event | None = None,
+) -> concurrent.futures.Future[None] | None:
+    """Send the execution's message in a background thread: the future, or None if it was
+    sent here (the interpreter is exiting) or left to the sweep (no slot in time)."""
+    slots = _slots
+    if not slots.acquire(timeout=_SEND_SLOT_WAIT_SECONDS):
+        logger.warning(
+            "execution_send_deferred",
+            execution_id=str(execution_id),
+            in_flight=_MAX_SENDS_IN_FLIGHT,
+            resent_after_seconds=get_settings().SWEEP_PENDING_AFTER_SECONDS,
+        )
+        return None
 
     def send() -> None:
-        started.set()
+        if started is not None:
+            started.set()
         send_execution(execution_id, correlation_id, queue=queue)
 
     try:
         future = _sender().submit(send)
-    except RuntimeError:  # the interpreter is shutting down: no new threads
-        send_after_commit(session, execution_id, correlation_id, queue)
-        return
-    session.info.setdefault(_EARLY_SENDS, []).append((execution_id, future))
-    # Wait (briefly) for the send thread to start. It then holds the GIL until its request
-    # is on the wire, and this thread's remaining work overlaps the wait for SQS's answer;
-    # otherwise the send would start only when this thread next blocks.
-    started.wait(0.05)
+    except RuntimeError:
+        # The interpreter is shutting down (no new threads): send here, as it must go now.
+        slots.release()
+        try:
+            send_execution(execution_id, correlation_id, queue=queue)
+        except Exception as exc:  # noqa: BLE001 - committed or locked; the sweep re-sends it
+            _log_send_failure(execution_id, exc)
+        return None
+    with _in_flight_lock:
+        _in_flight.add(future)
+
+    def done(finished: concurrent.futures.Future[None]) -> None:
+        slots.release()
+        with _in_flight_lock:
+            _in_flight.discard(finished)
+        exc = None if finished.cancelled() else finished.exception()
+        if exc is not None:
+            _log_send_failure(execution_id, exc)
+
+    future.add_done_callback(done)
+    return future
+
+
+def wait_for_sends(timeout: float | None = None) -> bool:
+    """Wait until every send this process has started is done (sent, or failed and
+    logged); False if some are still in flight after ``timeout`` seconds.
+
+    For a caller that must know the messages have left before it goes on or exits (the
+    CLI, tests, benchmarks). The interpreter also finishes them at a normal exit."""
+    with _in_flight_lock:
+        pending = list(_in_flight)
+    if not pending:
+        return True
+    _done, not_done = concurrent.futures.wait(pending, timeout=timeout)
+    return not not_done
 
 
 _sender_lock = threading.Lock()
@@ -230,10 +302,14 @@ _sender_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 
 
 def _reset_sender_in_child() -> None:
-    # A forked child has neither the parent's threads nor, safely, its lock.
-    global _sender_lock, _sender_pool
+    # A forked child has neither the parent's threads nor, safely, its locks, and none of
+    # its sends in flight.
+    global _sender_lock, _sender_pool, _in_flight_lock, _slots
     _sender_lock = threading.Lock()
     _sender_pool = None
+    _in_flight_lock = threading.Lock()
+    _in_flight.clear()
+    _slots = threading.BoundedSemaphore(_MAX_SENDS_IN_FLIGHT)
 
 
 os.register_at_fork(after_in_child=_reset_sender_in_child)
@@ -246,9 +322,10 @@ def _sender() -> concurrent.futures.ThreadPoolExecutor:
         if _sender_pool is None or _sender_pool[0] != os.getpid():
             _sender_pool = (
                 os.getpid(),
-                # Sends wait on SQS: one thread per concurrent enqueue, up to this many.
+                # Sends wait on SQS: one thread per concurrent send, up to this many (the
+                # rest queue here, within _MAX_SENDS_IN_FLIGHT).
                 concurrent.futures.ThreadPoolExecutor(
-                    max_workers=16, thread_name_prefix="flowbuilder-send"
+                    max_workers=_SEND_THREADS, thread_name_prefix="flowbuilder-send"
                 ),
             )
         return _sender_pool[1]
@@ -268,18 +345,11 @@ def _send_pending(session: OrmSession) -> None:
         # SQLAlchemy emits after_commit when a SAVEPOINT is released too; only the outer
         # commit makes the execution visible to a worker.
         return
-    for execution_id, future in session.info.pop(_EARLY_SENDS, []):
-        # Committed: when commit() returns, the message is in the queue (or its failure
-        # is logged, and the sweep re-sends the run).
-        try:
-            future.result(timeout=_EARLY_SEND_WAIT_SECONDS)
-        except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
-            _log_send_failure(execution_id, exc)
+    # Committed: the early sends are out or on their way (a failure is logged by the send
+    # itself, and the sweep re-sends the run).
+    session.info.pop(_EARLY_SENDS, None)
     for execution_id, correlation_id, queue in session.info.pop(_PENDING_SENDS, []):
-        try:
-            send_execution(execution_id, correlation_id, queue=queue)
-        except Exception as exc:  # noqa: BLE001 - committed; the sweep re-sends it
-            _log_send_failure(execution_id, exc)
+        _submit_send(execution_id, correlation_id, queue)
 
 
 @event.listens_for(OrmSession, "after_soft_rollback")
@@ -287,7 +357,7 @@ def _drop_pending(session: OrmSession, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(_PENDING_SENDS, None)
         # Sent already, or about to be: the worker finds no row and drops the message.
-        for execution_id, _future in session.info.pop(_EARLY_SENDS, []):
+        for execution_id in session.info.pop(_EARLY_SENDS, []):
             logger.info("execution_send_withdrawn", execution_id=str(execution_id))
 
 
@@ -300,10 +370,12 @@ def enqueue_execution(
     inputs: dict[str, Any] | None = None,
     correlation_id: str | None = None,
 ) -> WorkflowExecution:
-    """The API's entry point: check, record a pending execution, send after commit.
+    """The API's entry point: check, record a pending execution, and send its message.
 
-    Raises NotFound, Conflict (not published), ValidationFailed (bad definition),
-    RateLimited or InsufficientCredits; nothing is recorded or sent then.
+    The caller's ``commit()`` returns once the run is committed; its message is on its
+    way (sent in the background, :func:`wait_for_sends`), and the sweep sends it again if
+    it never arrives. Raises NotFound, Conflict (not published), ValidationFailed (bad
+    definition), RateLimited or InsufficientCredits; nothing is recorded or sent then.
     """
     settings = get_settings()
 

@@ -23,7 +23,12 @@ from flowbuilder.platform.models import (
     WorkflowVersion,
 )
 from flowbuilder.platform.settings import override_settings
-from flowbuilder.tasks import cancel_execution, enqueue_execution, sweep_stale_executions
+from flowbuilder.tasks import (
+    cancel_execution,
+    enqueue_execution,
+    sweep_stale_executions,
+    wait_for_sends,
+)
 from flowbuilder.tasks.app import EXECUTIONS_QUEUE, SHORT_EXECUTIONS_QUEUE, queue_name
 from tests.factories import json_definition, make_user, make_workflow
 from tests.tasks.conftest import execution_status, wait_done, wait_for
@@ -275,9 +280,10 @@ def test_send_failure_after_commit_is_recovered_by_the_sweep(
     tasks_execution.send_execution = broken
     try:
         user, _, ex = _enqueue(pg_session, json_definition(1), credits=10)
+        assert wait_for_sends(10)
     finally:
         tasks_execution.send_execution = original
-    assert calls, "the send was attempted after commit"
+    assert calls, "the send was attempted"
     time.sleep(2.5)
     assert execution_status(pg_session, ex.id).status == ExecutionStatus.PENDING
     assert sweep_stale_executions.apply().get() == 1
@@ -311,45 +317,107 @@ def test_api_async_session_enqueue_sends_while_committing(
     celery_worker: Any, pg_session: Session
 ) -> None:
     """The API's path: an async session, the one sync implementation through run_sync. On
-    PostgreSQL the send starts as soon as the rows are written (under the enqueue lock),
-    and the commit returns once it is done."""
+    PostgreSQL the send starts as soon as the rows are written (under the enqueue lock);
+    the commit returns once the run is committed, without waiting for the send, and
+    wait_for_sends() waits for it."""
     import asyncio
+    import threading
 
     from flowbuilder.platform import db
     from flowbuilder.tasks import execution as tasks_execution
+    from flowbuilder.tasks import wait_for_sends
 
     user = make_user(pg_session, credits=10)
     wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
     pg_session.commit()
     seen_while_open: list[Any] = []
+    started: list[uuid.UUID] = []
     finished: list[uuid.UUID] = []
+    release = threading.Event()
     original = tasks_execution.send_execution
 
     async def scenario() -> uuid.UUID:
         async with db.get_session() as session:
             ex = await db.run_sync(session, enqueue_execution, workflow_id=wf.id, user_id=user.id)
-            seen_while_open.append(
-                [i for i, _f in session.sync_session.info.get("flowbuilder.early_sends", [])]
-            )
+            seen_while_open.append(list(session.sync_session.info.get("flowbuilder.early_sends")))
             seen_while_open.append(session.sync_session.info.get("flowbuilder.pending_sends"))
-        # The commit waited for the send.
-        assert finished == [ex.id]
+        # Committed, and the send (begun before the commit) is still held back.
+        assert started == [ex.id] and finished == []
+        assert wait_for_sends(0.2) is False
         await db.get_async_engine().dispose()
         return ex.id
 
-    def recording(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        time.sleep(0.2)  # still sending when the caller commits
+    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        started.append(execution_id)
+        assert release.wait(30)  # still sending when the caller commits
         original(execution_id, *args, **kwargs)
         finished.append(execution_id)
 
-    tasks_execution.send_execution = recording
+    tasks_execution.send_execution = held
     try:
         execution_id = asyncio.run(scenario())
+        with db.get_engine().connect() as other:  # committed before the send ended
+            assert other.execute(
+                sa.select(WorkflowExecution.status).where(WorkflowExecution.id == execution_id)
+            ).all() == [(ExecutionStatus.PENDING,)]
+        release.set()
+        assert wait_for_sends(30) is True
     finally:
+        release.set()
         tasks_execution.send_execution = original
+    assert finished == [execution_id]
     assert seen_while_open == [[execution_id], None]
     done = wait_done(pg_session, execution_id)
     assert done.status == ExecutionStatus.COMPLETED
+
+
+def test_sends_in_flight_are_bounded_and_an_overflow_is_left_to_the_sweep(
+    celery_worker: Any, worker_settings: Any, pg_session: Session, monkeypatch: Any
+) -> None:
+    """Back-pressure: with every send slot taken (SQS hanging), the next enqueue waits for
+    a slot, a bounded time, then commits without sending; its run stays pending and the
+    sweep sends it. Nothing is lost, nobody waits forever."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from flowbuilder.tasks import execution as tasks_execution
+    from flowbuilder.tasks import wait_for_sends
+
+    monkeypatch.setattr(tasks_execution, "_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(tasks_execution, "_SEND_SLOT_WAIT_SECONDS", 0.3)
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    release = threading.Event()
+    sent: list[uuid.UUID] = []
+    original = tasks_execution.send_execution
+
+    def hanging(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        sent.append(execution_id)
+        assert release.wait(30)
+        original(execution_id, *args, **kwargs)
+
+    monkeypatch.setattr(tasks_execution, "send_execution", hanging)
+    try:
+        first = enqueue_execution(pg_session, wf.id, user.id).id
+        pg_session.commit()
+        with capture_logs() as logs:
+            second = enqueue_execution(pg_session, wf.id, user.id).id
+            pg_session.commit()
+    finally:
+        release.set()
+    assert wait_for_sends(30) is True
+    assert sent == [first]  # the second never had a slot
+    deferred = [e for e in logs if e["event"] == "execution_send_deferred"]
+    assert [e["execution_id"] for e in deferred] == [str(second)]
+    assert wait_done(pg_session, first).status == ExecutionStatus.COMPLETED
+    assert execution_status(pg_session, second).status == ExecutionStatus.PENDING
+    time.sleep(2.5)  # past SWEEP_PENDING_AFTER_SECONDS
+    monkeypatch.setattr(tasks_execution, "send_execution", original)
+    assert sweep_stale_executions.apply().get() == 1
+    assert wait_done(pg_session, second).status == ExecutionStatus.COMPLETED
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 8
 
 
 def _queue_empty(settings: Any) -> bool:
@@ -398,7 +466,7 @@ def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
     celery_worker: Any, worker_settings: Any, pg_session: Session
 ) -> None:
     """Releasing a SAVEPOINT fires SQLAlchemy's after_commit too; only the outer commit
-    makes the execution visible (and ends the wait for the send). One enqueue whose
+    makes the execution visible. One enqueue whose
     SAVEPOINT is rolled back is dropped by the worker; the other runs."""
     from flowbuilder.tasks import execution as tasks_execution
 
@@ -426,6 +494,7 @@ def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
             ).all()
         assert seen == []
         pg_session.commit()
+        assert wait_for_sends(10)
     finally:
         tasks_execution.send_execution = original
     assert sorted(c[0] for c in calls) == sorted([lost, kept])
