@@ -13,6 +13,7 @@ run: its message finds no row and is dropped.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import json
@@ -157,7 +158,7 @@ def prepare_execution(
         execution=execution, resend_after_seconds=settings.SWEEP_PENDING_AFTER_SECONDS, now=now
     )
     if not postgres:
-        execution = WorkflowExecution(**dataclasses.asdict(execution))
+        execution = execution.model()
     try:
         if postgres:
             # One statement when this process knows the workflow's published version: the
@@ -235,7 +236,7 @@ def prepare_execution(
         # never a raw driver error. The caller's unit of work rolls back: nothing recorded.
         raise ValidationFailed([data_error_message(exc)]) from exc
     if isinstance(execution, _NewExecution):
-        execution = WorkflowExecution(**dataclasses.asdict(execution))
+        execution = execution.model()
     # The object stands for the row just written: in the session like a flushed one (the
     # identity map, no further INSERT), with nothing left to load.
     make_transient_to_detached(execution)
@@ -279,6 +280,18 @@ class _NewExecution:
     workflow_version_id: uuid.UUID | None = None
     enqueued_at: datetime | None = None
     resend_after: datetime | None = None
+
+    def model(self) -> WorkflowExecution:
+        """The table model of these values. A shallow copy (``dataclasses.asdict`` would
+        deep-copy every id and timestamp); only the inputs are copied, so the caller's
+        dict is not the one the object holds."""
+        values = {field.name: getattr(self, field.name) for field in _NEW_EXECUTION_FIELDS}
+        if self.inputs is not None:
+            values["inputs"] = copy.deepcopy(self.inputs)
+        return WorkflowExecution(**values)
+
+
+_NEW_EXECUTION_FIELDS = dataclasses.fields(_NewExecution)
 
 
 # ------------------------------------------------------------------ the statements
