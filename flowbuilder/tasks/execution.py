@@ -205,8 +205,15 @@ def send_while_committing(
     mostly waiting for the service) then overlaps the rest of the caller's transaction
     and its COMMIT instead of following them, so the run reaches the queue sooner.
     """
+    slots = _slots
+    if not slots.acquire(blocking=False):
+        # Every send slot is taken (SQS slow or down): send after the commit instead, so
+        # the wait for a slot holds none of this transaction's locks (the rate-limit row,
+        # the enqueue lock).
+        send_after_commit(session, execution_id, correlation_id, queue)
+        return
     started = threading.Event()
-    if _submit_send(execution_id, correlation_id, queue, started) is None:
+    if _submit_send(execution_id, correlation_id, queue, slots, started) is None:
         return
     session.info.setdefault(_EARLY_SENDS, []).append(execution_id)
     with _in_flight_lock:
@@ -225,7 +232,7 @@ def send_while_committing(
 # process is killed first, leaves the run pending, and the sweep sends it again once
 # SWEEP_PENDING_AFTER_SECONDS have passed; what the caller could have done about a failed
 # send is nothing more (it was only ever logged). Bounded: past _MAX_SENDS_IN_FLIGHT the
-# next enqueue waits for a slot (back-pressure when SQS is slow), and past
+# next enqueue's commit waits for a slot (back-pressure when SQS is slow), and past
 # _SEND_SLOT_WAIT_SECONDS it leaves that run to the sweep rather than hold its caller.
 _MAX_SENDS_IN_FLIGHT = 256
 _SEND_THREADS = 4
@@ -235,14 +242,11 @@ _in_flight_lock = threading.Lock()
 _slots = threading.BoundedSemaphore(_MAX_SENDS_IN_FLIGHT)
 
 
-def _submit_send(
-    execution_id: uuid.UUID,
-    correlation_id: str | None,
-    queue: str | None,
-    started: threading.Event | None = None,
-) -> concurrent.futures.Future[None] | None:
-    """Send the execution's message in a background thread: the future, or None if it was
-    sent here (the interpreter is exiting) or left to the sweep (no slot in time)."""
+def _send_when_a_slot_frees(
+    execution_id: uuid.UUID, correlation_id: str | None, queue: str | None
+) -> None:
+    """Send in the background once a slot is free, waiting at most _SEND_SLOT_WAIT_SECONDS
+    (after the commit: no lock held); past that the run is left to the sweep."""
     slots = _slots
     if not slots.acquire(timeout=_SEND_SLOT_WAIT_SECONDS):
         logger.warning(
@@ -251,7 +255,20 @@ def _submit_send(
             in_flight=_MAX_SENDS_IN_FLIGHT,
             resent_after_seconds=get_settings().SWEEP_PENDING_AFTER_SECONDS,
         )
-        return None
+        return
+    _submit_send(execution_id, correlation_id, queue, slots)
+
+
+def _submit_send(
+    execution_id: uuid.UUID,
+    correlation_id: str | None,
+    queue: str | None,
+    slots: threading.BoundedSemaphore,
+    started: threading.Event | None = None,
+) -> concurrent.futures.Future[None] | None:
+    """Send the execution's message in a background thread, in a slot already taken from
+    ``slots`` (released when the send ends): the future, or None if it was sent here
+    because the interpreter is exiting."""
 
     def send() -> None:
         if started is not None:
@@ -349,7 +366,7 @@ def _send_pending(session: OrmSession) -> None:
     # itself, and the sweep re-sends the run).
     session.info.pop(_EARLY_SENDS, None)
     for execution_id, correlation_id, queue in session.info.pop(_PENDING_SENDS, []):
-        _submit_send(execution_id, correlation_id, queue)
+        _send_when_a_slot_frees(execution_id, correlation_id, queue)
 
 
 @event.listens_for(OrmSession, "after_soft_rollback")

@@ -371,12 +371,76 @@ def test_api_async_session_enqueue_sends_while_committing(
     assert done.status == ExecutionStatus.COMPLETED
 
 
+def test_an_enqueue_waits_for_a_send_slot_after_its_commit(
+    celery_worker: Any, pg_session: Session, monkeypatch: Any
+) -> None:
+    """With every send slot taken, an enqueue's wait for one comes after its commit: its
+    transaction's locks (the rate-limit row, the enqueue lock) are not held meanwhile.
+    Here the held send is released only once another connection sees the second run
+    committed, while its caller still waits in commit()."""
+    import threading
+
+    from flowbuilder.tasks import execution as tasks_execution
+    from flowbuilder.tasks import wait_for_sends
+
+    monkeypatch.setattr(tasks_execution, "_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(tasks_execution, "_SEND_SLOT_WAIT_SECONDS", 10.0)
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    release = threading.Event()
+    committed = threading.Event()
+    sent: list[uuid.UUID] = []
+    seen: list[bool] = []
+    original = tasks_execution.send_execution
+
+    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        sent.append(execution_id)
+        assert release.wait(30)
+        original(execution_id, *args, **kwargs)
+
+    def watch() -> None:
+        # Gives up well before the caller's wait for a slot would end (10 s).
+        deadline = time.monotonic() + 5
+        with db.get_engine().connect() as other:
+            while time.monotonic() < deadline and not release.is_set():
+                count = other.execute(
+                    sa.select(sa.func.count())
+                    .select_from(WorkflowExecution)
+                    .where(WorkflowExecution.user_id == user.id)
+                ).scalar_one()
+                other.rollback()
+                if count == 2:
+                    seen.append(committed.is_set())
+                    release.set()
+                    return
+                time.sleep(0.02)
+
+    monkeypatch.setattr(tasks_execution, "send_execution", held)
+    watcher = threading.Thread(target=watch)
+    try:
+        first = enqueue_execution(pg_session, wf.id, user.id).id
+        pg_session.commit()
+        watcher.start()
+        second = enqueue_execution(pg_session, wf.id, user.id).id
+        pg_session.commit()
+        committed.set()
+        watcher.join(30)
+    finally:
+        release.set()
+    assert seen == [False]  # seen committed while its caller still waited for a slot
+    assert wait_for_sends(30) is True
+    assert sent == [first, second]  # then it got the freed slot: sent, not deferred
+    assert wait_done(pg_session, first).status == ExecutionStatus.COMPLETED
+    assert wait_done(pg_session, second).status == ExecutionStatus.COMPLETED
+
+
 def test_sends_in_flight_are_bounded_and_an_overflow_is_left_to_the_sweep(
     celery_worker: Any, worker_settings: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
-    """Back-pressure: with every send slot taken (SQS hanging), the next enqueue waits for
-    a slot, a bounded time, then commits without sending; its run stays pending and the
-    sweep sends it. Nothing is lost, nobody waits forever."""
+    """Back-pressure: with every send slot taken (SQS hanging), the next enqueue commits,
+    then waits for a slot (holding no lock), a bounded time, and leaves its run pending;
+    the sweep sends it. Nothing is lost, nobody waits forever."""
     import threading
 
     from structlog.testing import capture_logs
