@@ -371,6 +371,33 @@ def test_api_async_session_enqueue_sends_while_committing(
     assert done.status == ExecutionStatus.COMPLETED
 
 
+def _one_send_slot_and_held_sends(
+    monkeypatch: Any, session: Session, slot_wait: float
+) -> tuple[Any, Any, Any, list[uuid.UUID]]:
+    """One send slot, waited for at most ``slot_wait`` seconds, and sends held until the
+    returned event is set: (user, workflow, that event, the ids whose send began)."""
+    import threading
+
+    from flowbuilder.tasks import execution as tasks_execution
+
+    monkeypatch.setattr(tasks_execution, "_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(tasks_execution, "_SEND_SLOT_WAIT_SECONDS", slot_wait)
+    user = make_user(session, credits=10)
+    wf = make_workflow(session, user, definition=json_definition(1), publish=True)
+    session.commit()
+    release = threading.Event()
+    sent: list[uuid.UUID] = []
+    original = tasks_execution.send_execution
+
+    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        sent.append(execution_id)
+        assert release.wait(30)
+        original(execution_id, *args, **kwargs)
+
+    monkeypatch.setattr(tasks_execution, "send_execution", held)
+    return user, wf, release, sent
+
+
 def test_an_enqueue_waits_for_a_send_slot_after_its_commit(
     celery_worker: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
@@ -380,24 +407,11 @@ def test_an_enqueue_waits_for_a_send_slot_after_its_commit(
     committed, while its caller still waits in commit()."""
     import threading
 
-    from flowbuilder.tasks import execution as tasks_execution
     from flowbuilder.tasks import wait_for_sends
 
-    monkeypatch.setattr(tasks_execution, "_slots", threading.BoundedSemaphore(1))
-    monkeypatch.setattr(tasks_execution, "_SEND_SLOT_WAIT_SECONDS", 10.0)
-    user = make_user(pg_session, credits=10)
-    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
-    pg_session.commit()
-    release = threading.Event()
+    user, wf, release, sent = _one_send_slot_and_held_sends(monkeypatch, pg_session, 10.0)
     committed = threading.Event()
-    sent: list[uuid.UUID] = []
     seen: list[bool] = []
-    original = tasks_execution.send_execution
-
-    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        sent.append(execution_id)
-        assert release.wait(30)
-        original(execution_id, *args, **kwargs)
 
     def watch() -> None:
         # Gives up well before the caller's wait for a slot would end (10 s).
@@ -416,7 +430,6 @@ def test_an_enqueue_waits_for_a_send_slot_after_its_commit(
                     return
                 time.sleep(0.02)
 
-    monkeypatch.setattr(tasks_execution, "send_execution", held)
     watcher = threading.Thread(target=watch)
     try:
         first = enqueue_execution(pg_session, wf.id, user.id).id
@@ -441,28 +454,11 @@ def test_sends_in_flight_are_bounded_and_an_overflow_is_left_to_the_sweep(
     """Back-pressure: with every send slot taken (SQS hanging), the next enqueue commits,
     then waits for a slot (holding no lock), a bounded time, and leaves its run pending;
     the sweep sends it. Nothing is lost, nobody waits forever."""
-    import threading
-
     from structlog.testing import capture_logs
 
-    from flowbuilder.tasks import execution as tasks_execution
     from flowbuilder.tasks import wait_for_sends
 
-    monkeypatch.setattr(tasks_execution, "_slots", threading.BoundedSemaphore(1))
-    monkeypatch.setattr(tasks_execution, "_SEND_SLOT_WAIT_SECONDS", 0.3)
-    user = make_user(pg_session, credits=10)
-    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
-    pg_session.commit()
-    release = threading.Event()
-    sent: list[uuid.UUID] = []
-    original = tasks_execution.send_execution
-
-    def hanging(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        sent.append(execution_id)
-        assert release.wait(30)
-        original(execution_id, *args, **kwargs)
-
-    monkeypatch.setattr(tasks_execution, "send_execution", hanging)
+    user, wf, release, sent = _one_send_slot_and_held_sends(monkeypatch, pg_session, 0.3)
     try:
         first = enqueue_execution(pg_session, wf.id, user.id).id
         pg_session.commit()
@@ -478,7 +474,6 @@ def test_sends_in_flight_are_bounded_and_an_overflow_is_left_to_the_sweep(
     assert wait_done(pg_session, first).status == ExecutionStatus.COMPLETED
     assert execution_status(pg_session, second).status == ExecutionStatus.PENDING
     time.sleep(2.5)  # past SWEEP_PENDING_AFTER_SECONDS
-    monkeypatch.setattr(tasks_execution, "send_execution", original)
     assert sweep_stale_executions.apply().get() == 1
     assert wait_done(pg_session, second).status == ExecutionStatus.COMPLETED
     assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 8
