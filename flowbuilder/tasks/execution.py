@@ -138,11 +138,7 @@ def resend(
             sent += 1
         except Exception as exc:  # noqa: BLE001 - counted and logged; the sweep retries it
             error = exc
-            logger.error(
-                "execution_send_failed",
-                execution_id=str(execution_id),
-                error=f"{type(exc).__name__}: {str(exc)[:200]}",
-            )
+            _log_send_failure(execution_id, exc)
         if on_result is not None:
             on_result(execution_id, error)
     return sent
