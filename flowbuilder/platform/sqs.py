@@ -86,9 +86,18 @@ def _create_or_update(client: Any, name: str, attributes: dict[str, str]) -> str
             "QueueDoesNotExist",
         ):
             raise
-        url = client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        logger.info("sqs_queue_created", queue=name)
-        return url
+        try:
+            url = client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        except ClientError as exists:
+            # Created by someone else since we looked (another worker starting, or kombu
+            # declaring it on a send), with other attributes: SQS refuses a create whose
+            # attributes differ. It exists now; set ours on it, as for any existing queue.
+            if exists.response["Error"]["Code"] not in ("QueueAlreadyExists", "QueueNameExists"):
+                raise
+            url = client.get_queue_url(QueueName=name)["QueueUrl"]
+        else:
+            logger.info("sqs_queue_created", queue=name)
+            return url
     client.set_queue_attributes(QueueUrl=url, Attributes=attributes)
     logger.info("sqs_queue_updated", queue=name)
     return url
