@@ -246,6 +246,15 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _r(k["ratio"]),
             )
         )
+        if "project_from_queue_ms" in k:  # results written before it was measured
+            out.append(
+                (
+                    "  the same, from the message in the queue (ms)",
+                    f"no-op {_r(k['bare_from_queue_ms'], '.1f')}",
+                    _r(k["project_from_queue_ms"], ".1f"),
+                    _r(k["ratio_from_queue"]),
+                )
+            )
     if w and "enqueue" in w:
         e = w["enqueue"]
         n = e["long_phases"]

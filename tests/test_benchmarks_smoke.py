@@ -68,6 +68,12 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     }.items():
         for key in keys:
             assert _figure(w[measure][key]), (measure, key, w[measure][key])
+    # The wake-up from the message in the queue: finite and ordered, not always positive
+    # (a worker may start a task a moment before its sender has read SQS's answer).
+    for key in ("project_from_queue_ms", "bare_from_queue_ms"):
+        f = w["wake_after_busy"][key]
+        assert all(math.isfinite(f[k]) for k in f) and f["min"] <= f["median"] <= f["max"]
+    assert any("from the message in the queue" in line for line in proc.stdout.splitlines())
     assert w["phase_overhead_large_outputs"]["payload_bytes"] > 1000
     assert any("nodes not pure" in line for line in proc.stdout.splitlines())
     # Round trips per phase are a whole number: every extra phase costs the same.
