@@ -6,9 +6,11 @@ id only: never a definition, never a secret.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -203,9 +205,8 @@ def send_while_committing(
     """
     slots = _slots
     if not slots.acquire(blocking=False):
-        # Every send slot is taken (SQS slow or down): send after the commit instead, so
-        # the wait for a slot holds none of this transaction's locks (the rate-limit row,
-        # the enqueue lock).
+        # Every send slot is taken (SQS slow or down): the send waits for one after the
+        # commit, in the background (see _SlotWaiters); a rolled-back run's never waits.
         send_after_commit(session, execution_id, correlation_id, queue)
         return
     started = threading.Event()
@@ -227,10 +228,13 @@ def send_while_committing(
 # (the transactional-outbox pattern). A send that fails, or never happens because the
 # process is killed first, leaves the run pending, and the sweep sends it again once
 # SWEEP_PENDING_AFTER_SECONDS have passed; what the caller could have done about a failed
-# send is nothing more (it was only ever logged). Bounded: past _MAX_SENDS_IN_FLIGHT the
-# next enqueue's commit waits for a slot (back-pressure when SQS is slow), and past
-# _SEND_SLOT_WAIT_SECONDS it leaves that run to the sweep rather than hold its caller.
+# send is nothing more (it was only ever logged). Bounded: past _MAX_SENDS_IN_FLIGHT a
+# committed run's send waits for a slot in one background thread (never in the caller's:
+# an async API commits in its event loop's thread, which must not stop for SQS), at most
+# _SEND_SLOT_WAIT_SECONDS after its commit and _MAX_SENDS_WAITING at a time; past either
+# it is left to the sweep.
 _MAX_SENDS_IN_FLIGHT = 256
+_MAX_SENDS_WAITING = 1024
 _SEND_THREADS = 4
 _SEND_SLOT_WAIT_SECONDS = 10.0
 _in_flight: set[concurrent.futures.Future[None]] = set()
@@ -241,18 +245,81 @@ _slots = threading.BoundedSemaphore(_MAX_SENDS_IN_FLIGHT)
 def _send_when_a_slot_frees(
     execution_id: uuid.UUID, correlation_id: str | None, queue: str | None
 ) -> None:
-    """Send in the background once a slot is free, waiting at most _SEND_SLOT_WAIT_SECONDS
-    (after the commit: no lock held); past that the run is left to the sweep."""
+    """Send in the background: now if a slot is free, else once one frees (see
+    :class:`_SlotWaiters`). Returns at once, whatever SQS is doing."""
     slots = _slots
-    if not slots.acquire(timeout=_SEND_SLOT_WAIT_SECONDS):
-        logger.warning(
-            "execution_send_deferred",
-            execution_id=str(execution_id),
-            in_flight=_MAX_SENDS_IN_FLIGHT,
-            resent_after_seconds=get_settings().SWEEP_PENDING_AFTER_SECONDS,
+    if slots.acquire(blocking=False):
+        _submit_send(execution_id, correlation_id, queue, slots)
+    elif not _waiters.add(execution_id, correlation_id, queue):
+        _log_send_deferred(execution_id, "too many sends waiting for a slot")
+
+
+def _log_send_deferred(execution_id: uuid.UUID, reason: str) -> None:
+    logger.warning(
+        "execution_send_deferred",
+        execution_id=str(execution_id),
+        reason=reason,
+        in_flight=_MAX_SENDS_IN_FLIGHT,
+        resent_after_seconds=get_settings().SWEEP_PENDING_AFTER_SECONDS,
+    )
+
+
+class _SlotWaiters:
+    """Committed runs whose send waits for a slot (every one taken: SQS slow or down),
+    waited for by one background thread, oldest first, each until
+    _SEND_SLOT_WAIT_SECONDS after its commit; at most _MAX_SENDS_WAITING of them. A
+    daemon thread: at the interpreter's exit, what still waits is left to the sweep."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: collections.deque[tuple[float, uuid.UUID, str | None, str | None]] = (
+            collections.deque()
         )
-        return
-    _submit_send(execution_id, correlation_id, queue, slots)
+        self._busy = 0  # taken by the thread, not yet sent or deferred
+        self._thread: threading.Thread | None = None
+
+    def add(self, execution_id: uuid.UUID, correlation_id: str | None, queue: str | None) -> bool:
+        """Queue a send for the thread; False (nothing queued) when too many wait."""
+        with self._cond:
+            if len(self._items) + self._busy >= _MAX_SENDS_WAITING:
+                return False
+            deadline = time.monotonic() + _SEND_SLOT_WAIT_SECONDS
+            self._items.append((deadline, execution_id, correlation_id, queue))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="flowbuilder-send-waiter", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                deadline, execution_id, correlation_id, queue = self._items.popleft()
+                self._busy += 1
+            try:
+                slots = _slots
+                if slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    _submit_send(execution_id, correlation_id, queue, slots)
+                else:
+                    _log_send_deferred(execution_id, "no send slot freed in time")
+            except Exception as exc:  # noqa: BLE001 - the sweep re-sends it; the thread goes on
+                _log_send_failure(execution_id, exc)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def wait_empty(self, timeout: float | None) -> bool:
+        """Until nothing waits for a slot (sent on, or deferred); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
+
+
+_waiters = _SlotWaiters()
 
 
 def _submit_send(
@@ -301,12 +368,18 @@ def wait_for_sends(timeout: float | None = None) -> bool:
     logged); False if some are still in flight after ``timeout`` seconds.
 
     For a caller that must know the messages have left before it goes on or exits (the
-    CLI, tests, benchmarks). The interpreter also finishes them at a normal exit."""
+    CLI, tests, benchmarks). The interpreter also finishes them at a normal exit (not
+    those still waiting for a slot: the sweep sends those)."""
+    until = None if timeout is None else time.monotonic() + timeout
+    # The sends waiting for a slot first: each becomes a send in flight, or is deferred.
+    if not _waiters.wait_empty(timeout):
+        return False
     with _in_flight_lock:
         pending = list(_in_flight)
     if not pending:
         return True
-    _done, not_done = concurrent.futures.wait(pending, timeout=timeout)
+    left = None if until is None else max(0.0, until - time.monotonic())
+    _done, not_done = concurrent.futures.wait(pending, timeout=left)
     return not not_done
 
 
@@ -317,12 +390,13 @@ _sender_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 def _reset_sender_in_child() -> None:
     # A forked child has neither the parent's threads nor, safely, its locks, and none of
     # its sends in flight.
-    global _sender_lock, _sender_pool, _in_flight_lock, _slots
+    global _sender_lock, _sender_pool, _in_flight_lock, _slots, _waiters
     _sender_lock = threading.Lock()
     _sender_pool = None
     _in_flight_lock = threading.Lock()
     _in_flight.clear()
     _slots = threading.BoundedSemaphore(_MAX_SENDS_IN_FLIGHT)
+    _waiters = _SlotWaiters()
 
 
 os.register_at_fork(after_in_child=_reset_sender_in_child)

@@ -398,85 +398,78 @@ def _one_send_slot_and_held_sends(
     return user, wf, release, sent
 
 
-def test_an_enqueue_waits_for_a_send_slot_after_its_commit(
+def test_an_enqueue_never_waits_for_a_send_slot(
     celery_worker: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
-    """With every send slot taken, an enqueue's wait for one comes after its commit: its
-    transaction's locks (the rate-limit row, the enqueue lock) are not held meanwhile.
-    Here the held send is released only once another connection sees the second run
-    committed, while its caller still waits in commit()."""
-    import threading
-
+    """With every send slot taken (SQS hanging), an enqueue's commit still returns at once:
+    its send waits for a slot in a background thread, never in the caller's (an async API
+    commits in its event loop's thread). Here the only slot is released only after the
+    second enqueue's commit has returned; its send then takes the freed slot."""
+    from flowbuilder.tasks import execution as tasks_execution
     from flowbuilder.tasks import wait_for_sends
 
-    user, wf, release, sent = _one_send_slot_and_held_sends(monkeypatch, pg_session, 10.0)
-    committed = threading.Event()
-    seen: list[bool] = []
-
-    def watch() -> None:
-        # Gives up well before the caller's wait for a slot would end (10 s).
-        deadline = time.monotonic() + 5
-        with db.get_engine().connect() as other:
-            while time.monotonic() < deadline and not release.is_set():
-                count = other.execute(
-                    sa.select(sa.func.count())
-                    .select_from(WorkflowExecution)
-                    .where(WorkflowExecution.user_id == user.id)
-                ).scalar_one()
-                other.rollback()
-                if count == 2:
-                    seen.append(committed.is_set())
-                    release.set()
-                    return
-                time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
+    user, wf, release, sent = _one_send_slot_and_held_sends(monkeypatch, pg_session, 30.0)
     try:
         first = enqueue_execution(pg_session, wf.id, user.id).id
         pg_session.commit()
-        watcher.start()
         second = enqueue_execution(pg_session, wf.id, user.id).id
-        pg_session.commit()
-        committed.set()
-        watcher.join(30)
+        pg_session.commit()  # would wait for the held slot (up to 30 s) if it waited here
+        assert not release.is_set() and sent == [first]
+        with db.get_engine().connect() as other:  # committed, its send still waiting
+            assert other.execute(
+                sa.select(WorkflowExecution.status).where(WorkflowExecution.id == second)
+            ).all() == [(ExecutionStatus.PENDING,)]
+        assert wait_for_sends(0.2) is False
+        assert tasks_execution._waiters.wait_empty(0.2) is False  # the second, waiting
     finally:
         release.set()
-    assert seen == [False]  # seen committed while its caller still waited for a slot
     assert wait_for_sends(30) is True
-    assert sent == [first, second]  # then it got the freed slot: sent, not deferred
+    assert sent == [first, second]  # it got the freed slot: sent, not deferred
     assert wait_done(pg_session, first).status == ExecutionStatus.COMPLETED
     assert wait_done(pg_session, second).status == ExecutionStatus.COMPLETED
 
 
-def test_sends_in_flight_are_bounded_and_an_overflow_is_left_to_the_sweep(
+def test_sends_waiting_for_a_slot_are_bounded_and_the_rest_left_to_the_sweep(
     celery_worker: Any, worker_settings: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
-    """Back-pressure: with every send slot taken (SQS hanging), the next enqueue commits,
-    then waits for a slot (holding no lock), a bounded time, and leaves its run pending;
-    the sweep sends it. Nothing is lost, nobody waits forever."""
+    """Bounds: with every send slot taken, a committed run's send waits for a slot a
+    bounded time (here 0.3 s) and a bounded number wait (here 1); past either, its run is
+    left pending, logged, and the sweep sends it. Nothing is lost, nobody waits forever."""
     from structlog.testing import capture_logs
 
+    from flowbuilder.tasks import execution as tasks_execution
     from flowbuilder.tasks import wait_for_sends
 
     user, wf, release, sent = _one_send_slot_and_held_sends(monkeypatch, pg_session, 0.3)
+    monkeypatch.setattr(tasks_execution, "_MAX_SENDS_WAITING", 1)
     try:
         first = enqueue_execution(pg_session, wf.id, user.id).id
         pg_session.commit()
         with capture_logs() as logs:
             second = enqueue_execution(pg_session, wf.id, user.id).id
-            pg_session.commit()
+            pg_session.commit()  # its send waits for a slot
+            third = enqueue_execution(pg_session, wf.id, user.id).id
+            pg_session.commit()  # one is waiting already: deferred at once
+            assert tasks_execution._waiters.wait_empty(10) is True  # the second's wait ended
     finally:
         release.set()
     assert wait_for_sends(30) is True
-    assert sent == [first]  # the second never had a slot
-    deferred = [e for e in logs if e["event"] == "execution_send_deferred"]
-    assert [e["execution_id"] for e in deferred] == [str(second)]
+    assert sent == [first]  # neither of the others had a slot
+    deferred = {
+        e["execution_id"]: e["reason"] for e in logs if e["event"] == "execution_send_deferred"
+    }
+    assert deferred == {
+        str(third): "too many sends waiting for a slot",
+        str(second): "no send slot freed in time",
+    }
     assert wait_done(pg_session, first).status == ExecutionStatus.COMPLETED
-    assert execution_status(pg_session, second).status == ExecutionStatus.PENDING
+    for execution_id in (second, third):
+        assert execution_status(pg_session, execution_id).status == ExecutionStatus.PENDING
     time.sleep(2.5)  # past SWEEP_PENDING_AFTER_SECONDS
-    assert sweep_stale_executions.apply().get() == 1
+    assert sweep_stale_executions.apply().get() == 2
     assert wait_done(pg_session, second).status == ExecutionStatus.COMPLETED
-    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 8
+    assert wait_done(pg_session, third).status == ExecutionStatus.COMPLETED
+    assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 7
 
 
 def _queue_empty(settings: Any) -> bool:
