@@ -204,9 +204,10 @@ def send_while_committing(
     and its COMMIT instead of following them, so the run reaches the queue sooner.
     """
     slots = _slots
-    if not slots.acquire(blocking=False):
-        # Every send slot is taken (SQS slow or down): the send waits for one after the
-        # commit, in the background (see _SlotWaiters); a rolled-back run's never waits.
+    if _waiters.any() or not slots.acquire(blocking=False):
+        # Every send slot is taken (SQS slow or down), or sends wait for one already: the
+        # send waits its turn after the commit, in the background (see _SlotWaiters); a
+        # rolled-back run's never waits.
         send_after_commit(session, execution_id, correlation_id, queue)
         return
     started = threading.Event()
@@ -248,7 +249,8 @@ def _send_when_a_slot_frees(
     """Send in the background: now if a slot is free, else once one frees (see
     :class:`_SlotWaiters`). Returns at once, whatever SQS is doing."""
     slots = _slots
-    if slots.acquire(blocking=False):
+    # Behind the sends already waiting, if any: a slot freed for them is not taken here.
+    if not _waiters.any() and slots.acquire(blocking=False):
         _submit_send(execution_id, correlation_id, queue, slots)
     elif not _waiters.add(execution_id, correlation_id, queue):
         _log_send_deferred(execution_id, "too many sends waiting for a slot")
@@ -312,6 +314,11 @@ class _SlotWaiters:
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
+
+    def any(self) -> bool:
+        """Whether sends are waiting for a slot (a new send then queues behind them)."""
+        with self._cond:
+            return bool(self._items or self._busy)
 
     def wait_empty(self, timeout: float | None) -> bool:
         """Until nothing waits for a slot (sent on, or deferred); False on timeout."""

@@ -429,6 +429,50 @@ def test_an_enqueue_never_waits_for_a_send_slot(
     assert wait_done(pg_session, second).status == ExecutionStatus.COMPLETED
 
 
+def test_sends_waiting_for_a_slot_keep_their_order(
+    celery_worker: Any, pg_session: Session, monkeypatch: Any
+) -> None:
+    """A send that finds others waiting for a slot queues behind them, even when a slot
+    has just freed: a newer run must not take it and leave an older one to time out
+    (and wait for the sweep)."""
+    import threading
+
+    from flowbuilder.tasks import execution as tasks_execution
+    from flowbuilder.tasks import wait_for_sends
+
+    class LateWaker(threading.BoundedSemaphore):
+        """Slots whose blocking waiter (the waiting thread) wakes a second late, as a busy
+        machine may schedule it: the window in which a newer send could take its slot."""
+
+        def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+            if blocking:
+                time.sleep(1.0)
+            return super().acquire(blocking, timeout)
+
+    user, wf, release, sent = _one_send_slot_and_held_sends(monkeypatch, pg_session, 30.0)
+    slots = LateWaker(2)
+    monkeypatch.setattr(tasks_execution, "_slots", slots)
+    assert slots.acquire(blocking=False)  # the test holds one slot, the first send the other
+    try:
+        first = enqueue_execution(pg_session, wf.id, user.id).id
+        pg_session.commit()
+        second = enqueue_execution(pg_session, wf.id, user.id).id
+        pg_session.commit()  # waits for a slot
+        assert tasks_execution._waiters.any()
+        slots.release()  # a slot frees (the second's), while its waiter still sleeps
+        third = enqueue_execution(pg_session, wf.id, user.id).id
+        pg_session.commit()
+        wait_for(lambda: len(sent) >= 2, 10)  # the second's send began (and is held)
+        time.sleep(0.3)
+        assert sent == [first, second]  # the third waits behind it: no slot is free
+    finally:
+        release.set()
+    assert wait_for_sends(30) is True
+    assert sent == [first, second, third]
+    for execution_id in (first, second, third):
+        assert wait_done(pg_session, execution_id).status == ExecutionStatus.COMPLETED
+
+
 def test_sends_waiting_for_a_slot_are_bounded_and_the_rest_left_to_the_sweep(
     celery_worker: Any, worker_settings: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
