@@ -295,7 +295,9 @@ class _RunConnection:
                 if claimed is None:
                     return None, []
                 return claimed, phase_crud.read_phases(session=s, execution_id=execution_id)
-        with self._session() as session:
+        # No ORM session: every statement goes through the connection, and making one
+        # is Python that would delay the claim's send after an idle (see _bare_session).
+        with self._bare_session() as session:
             conn = session.connection()
             driver = conn.connection.driver_connection
             with driver_errors(conn):
@@ -310,7 +312,6 @@ class _RunConnection:
                     send_command(conn, "COMMIT")
                 claimed = answer()
                 phases = read()
-            session.commit()  # the driver is idle: psycopg sends nothing
         return claimed, phases if claimed is not None else []
 
     @contextlib.contextmanager
