@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     EXECUTION_TIMEOUT_SECONDS: float = Field(default=900, gt=0)
     LEASE_SECONDS: float = Field(default=60, gt=0)
     SWEEP_PENDING_AFTER_SECONDS: float = Field(default=300, gt=0)
+    # PostgreSQL: start an enqueue's SQS send as soon as its rows are written (under the
+    # enqueue lock), overlapping the caller's COMMIT, instead of after the commit. The
+    # message reaches the queue one COMMIT sooner; the caller's process does the send's
+    # Python (~2 ms) before its commit returns, and a worker may receive a message whose
+    # transaction is still open (it waits for the lock). README, How an execution runs.
+    ENQUEUE_SEND_EARLY: bool = False
     # A run whose plan cannot take longer than this (ExecutionPlan.worst_case_seconds,
     # capped by EXECUTION_TIMEOUT_SECONDS) is sent to the short-run queue, which workers
     # may consume with a deeper prefetch: a prefetched message then waits behind short

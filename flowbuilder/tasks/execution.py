@@ -466,20 +466,24 @@ def enqueue_execution(
 ) -> WorkflowExecution:
     """The API's entry point: check, record a pending execution, and send its message.
 
-    The caller's ``commit()`` returns once the run is committed; its message is on its
-    way (sent in the background, :func:`wait_for_sends`), and the sweep sends it again if
-    it never arrives. Raises NotFound, Conflict (not published), ValidationFailed (bad
-    definition), RateLimited or InsufficientCredits; nothing is recorded or sent then.
+    The caller's ``commit()`` returns once the run is committed; its message leaves then,
+    in the background (:func:`wait_for_sends`; with ``ENQUEUE_SEND_EARLY`` on PostgreSQL,
+    as soon as the rows are written), and the sweep sends it again if it never arrives.
+    Raises NotFound, Conflict (not published), ValidationFailed (bad definition),
+    RateLimited or InsufficientCredits; nothing is recorded or sent then.
     """
     settings = get_settings()
 
     def send(written: engine.Written) -> None:
         queue = execution_queue_for(settings, written.worst_case_seconds)
-        if written.locked:
+        if written.locked and settings.ENQUEUE_SEND_EARLY:
             # PostgreSQL, the rows written under the enqueue lock: the send overlaps the
-            # caller's commit.
+            # caller's commit (opt-in: see the setting).
             send_while_committing(session, written.execution_id, correlation_id, queue)
         else:
+            # After the commit, in the background. Not earlier by default: the send's
+            # Python (Celery, kombu, botocore: ~2 ms) shares the GIL with the caller,
+            # whose commit would wait for it (measured: README, Performance).
             send_after_commit(session, written.execution_id, correlation_id, queue)
 
     execution = engine.prepare_execution(

@@ -316,10 +316,10 @@ def test_concurrent_executions_never_overdraw(spawn_worker: Any, pg_session: Ses
 def test_api_async_session_enqueue_sends_while_committing(
     celery_worker: Any, pg_session: Session
 ) -> None:
-    """The API's path: an async session, the one sync implementation through run_sync. On
-    PostgreSQL the send starts as soon as the rows are written (under the enqueue lock);
-    the commit returns once the run is committed, without waiting for the send, and
-    wait_for_sends() waits for it."""
+    """The API's path: an async session, the one sync implementation through run_sync.
+    With ENQUEUE_SEND_EARLY on PostgreSQL the send starts as soon as the rows are written
+    (under the enqueue lock); the commit returns once the run is committed, without
+    waiting for the send, and wait_for_sends() waits for it."""
     import asyncio
     import threading
 
@@ -355,7 +355,8 @@ def test_api_async_session_enqueue_sends_while_committing(
 
     tasks_execution.send_execution = held
     try:
-        execution_id = asyncio.run(scenario())
+        with override_settings(ENQUEUE_SEND_EARLY=True):
+            execution_id = asyncio.run(scenario())
         with db.get_engine().connect() as other:  # committed before the send ended
             assert other.execute(
                 sa.select(WorkflowExecution.status).where(WorkflowExecution.id == execution_id)
@@ -369,6 +370,57 @@ def test_api_async_session_enqueue_sends_while_committing(
     assert seen_while_open == [[execution_id], None]
     done = wait_done(pg_session, execution_id)
     assert done.status == ExecutionStatus.COMPLETED
+
+
+def test_api_async_session_enqueue_sends_after_the_commit(
+    celery_worker: Any, pg_session: Session
+) -> None:
+    """By default the send starts once the caller's transaction has committed, in the
+    background: nothing is sent while the transaction is open (so no worker ever holds a
+    message whose transaction may still roll back), and the commit does not wait for the
+    send."""
+    import asyncio
+    import threading
+
+    from flowbuilder.tasks import execution as tasks_execution
+    from flowbuilder.tasks import wait_for_sends
+
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
+    pg_session.commit()
+    seen_while_open: list[Any] = []
+    started: list[uuid.UUID] = []
+    release = threading.Event()
+    original = tasks_execution.send_execution
+
+    async def scenario() -> uuid.UUID:
+        async with db.get_session() as session:
+            ex = await db.run_sync(session, enqueue_execution, workflow_id=wf.id, user_id=user.id)
+            await asyncio.sleep(0.3)  # time enough for a send that had started early
+            seen_while_open.append(list(started))
+            pending = session.sync_session.info.get("flowbuilder.pending_sends") or []
+            seen_while_open.append([p[0] for p in pending])
+        # Committed; the send begins now, and is held back: the commit did not wait.
+        wait_for(lambda: started == [ex.id], 10)
+        assert wait_for_sends(0.2) is False
+        await db.get_async_engine().dispose()
+        return ex.id
+
+    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        started.append(execution_id)
+        assert release.wait(30)
+        original(execution_id, *args, **kwargs)
+
+    tasks_execution.send_execution = held
+    try:
+        execution_id = asyncio.run(scenario())
+        release.set()
+        assert wait_for_sends(30) is True
+    finally:
+        release.set()
+        tasks_execution.send_execution = original
+    assert seen_while_open == [[], [execution_id]]
+    assert wait_done(pg_session, execution_id).status == ExecutionStatus.COMPLETED
 
 
 def _one_send_slot_and_held_sends(
@@ -527,11 +579,13 @@ def _queue_empty(settings: Any) -> bool:
     return True
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["after-commit", "send-early"])
 def test_rolled_back_enqueue_never_runs(
-    celery_worker: Any, worker_settings: Any, pg_session: Session
+    celery_worker: Any, worker_settings: Any, pg_session: Session, early: bool
 ) -> None:
-    """Its message may be out already (sent while the transaction was open): the worker
-    finds no row once the transaction has ended, and drops it. Nothing is recorded."""
+    """By default nothing is sent. With ENQUEUE_SEND_EARLY its message is out already
+    (sent while the transaction was open): the worker finds no row once the transaction
+    has ended, and drops it. Nothing is recorded either way."""
     from flowbuilder.tasks import execution as tasks_execution
 
     user = make_user(pg_session, credits=10)
@@ -546,20 +600,23 @@ def test_rolled_back_enqueue_never_runs(
 
     tasks_execution.send_execution = recording
     try:
-        execution_id = enqueue_execution(pg_session, wf.id, user.id).id
-        time.sleep(1.0)  # the worker has the message and waits for this transaction
-        pg_session.rollback()
-        pg_session.commit()  # a later commit must not send the rolled-back execution
+        with override_settings(ENQUEUE_SEND_EARLY=early):
+            execution_id = enqueue_execution(pg_session, wf.id, user.id).id
+            time.sleep(1.0)  # sent early: the worker has the message and waits for the lock
+            pg_session.rollback()
+            pg_session.commit()  # a later commit must not send the rolled-back execution
+            assert wait_for_sends(10)
     finally:
         tasks_execution.send_execution = original
-    assert [c[0] for c in calls] == [execution_id]
+    assert [c[0] for c in calls] == ([execution_id] if early else [])
     wait_for(lambda: _queue_empty(worker_settings), 15)  # received, dropped, deleted
     assert pg_session.exec(select(WorkflowExecution)).all() == []
     assert balance_crud.get_balance(session=pg_session, user_id=user.id) == 10
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["after-commit", "send-early"])
 def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
-    celery_worker: Any, worker_settings: Any, pg_session: Session
+    celery_worker: Any, worker_settings: Any, pg_session: Session, early: bool
 ) -> None:
     """Releasing a SAVEPOINT fires SQLAlchemy's after_commit too; only the outer commit
     makes the execution visible. One enqueue whose
@@ -578,19 +635,21 @@ def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
 
     tasks_execution.send_execution = recording
     try:
-        with pytest.raises(RuntimeError), pg_session.begin_nested():
-            lost = enqueue_execution(pg_session, wf.id, user.id).id
-            raise RuntimeError("the caller's own error")
-        with pg_session.begin_nested():
-            kept = enqueue_execution(pg_session, wf.id, user.id).id
-        time.sleep(0.5)
-        with db.get_engine().connect() as other:  # not visible before the commit
-            seen = other.execute(
-                sa.select(WorkflowExecution.id).where(WorkflowExecution.id == kept)
-            ).all()
-        assert seen == []
-        pg_session.commit()
-        assert wait_for_sends(10)
+        with override_settings(ENQUEUE_SEND_EARLY=early):
+            with pytest.raises(RuntimeError), pg_session.begin_nested():
+                lost = enqueue_execution(pg_session, wf.id, user.id).id
+                raise RuntimeError("the caller's own error")
+            with pg_session.begin_nested():
+                kept = enqueue_execution(pg_session, wf.id, user.id).id
+            time.sleep(0.5)
+            with db.get_engine().connect() as other:  # not visible before the commit
+                seen = other.execute(
+                    sa.select(WorkflowExecution.id).where(WorkflowExecution.id == kept)
+                ).all()
+            assert seen == []
+            assert len(calls) == (2 if early else 0)  # by default, nothing before the commit
+            pg_session.commit()
+            assert wait_for_sends(10)
     finally:
         tasks_execution.send_execution = original
     assert sorted(c[0] for c in calls) == sorted([lost, kept])

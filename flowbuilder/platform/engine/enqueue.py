@@ -1,13 +1,13 @@
 """The API side of the engine: check and record a new execution, or cancel one.
 
 No Celery here: the caller's unit of work commits, and the task layer sends the message
-(``flowbuilder.tasks.execution``). On SQLite it is sent after the commit. On PostgreSQL it
-may leave as soon as the rows are written, while the caller is still committing (the
-send is most of an enqueue's time, and mostly a wait): the transaction that wrote them
-holds an advisory lock on the execution until it ends (:func:`enqueue_lock`), and a
-worker that finds no row waits for that lock before it looks again (``engine.run``). So
-a worker still never runs what was not committed, and a rolled-back execution is never
-run: its message finds no row and is dropped.
+(``flowbuilder.tasks.execution``), after the commit by default. On PostgreSQL it may
+leave as soon as the rows are written, while the caller is still committing
+(``ENQUEUE_SEND_EARLY``): the transaction that wrote them holds an advisory lock on the
+execution until it ends (:func:`enqueue_lock`), and a worker that finds no row waits for
+that lock before it looks again (``engine.run``). So a worker still never runs what was
+not committed, and a rolled-back execution is never run: its message finds no row and is
+dropped.
 """
 
 from __future__ import annotations
