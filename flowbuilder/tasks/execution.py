@@ -40,6 +40,8 @@ register_time_limit_error(SoftTimeLimitExceeded)
 
 _PENDING_SENDS = "flowbuilder.pending_sends"
 _EARLY_SENDS = "flowbuilder.early_sends"
+# The SAVEPOINT each enqueue of the transaction was made in, if any (see _drop_pending).
+_SEND_SCOPES = "flowbuilder.send_scopes"
 
 
 class ExecutionTask(Task):
@@ -186,6 +188,7 @@ def send_after_commit(
     :func:`wait_for_sends`): ``commit()`` returns once the run is committed.
     """
     session.info.setdefault(_PENDING_SENDS, []).append((execution_id, correlation_id, queue))
+    _remember_scope(session, execution_id)
 
 
 def send_while_committing(
@@ -214,6 +217,7 @@ def send_while_committing(
     if _submit_send(execution_id, correlation_id, queue, slots, started) is None:
         return
     session.info.setdefault(_EARLY_SENDS, []).append(execution_id)
+    _remember_scope(session, execution_id)
     with _in_flight_lock:
         thread_free = len(_in_flight) <= _SEND_THREADS
     if thread_free:
@@ -442,6 +446,7 @@ def _send_pending(session: OrmSession) -> None:
     # Committed: the early sends are out or on their way (a failure is logged by the send
     # itself, and the sweep re-sends the run).
     session.info.pop(_EARLY_SENDS, None)
+    session.info.pop(_SEND_SCOPES, None)
     for execution_id, correlation_id, queue in session.info.pop(_PENDING_SENDS, []):
         _send_when_a_slot_frees(execution_id, correlation_id, queue)
 
@@ -450,9 +455,46 @@ def _send_pending(session: OrmSession) -> None:
 def _drop_pending(session: OrmSession, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(_PENDING_SENDS, None)
+        session.info.pop(_SEND_SCOPES, None)
         # Sent already, or about to be: the worker finds no row and drops the message.
         for execution_id in session.info.pop(_EARLY_SENDS, []):
             logger.info("execution_send_withdrawn", execution_id=str(execution_id))
+    elif previous_transaction.nested:
+        _drop_savepoint_sends(session, previous_transaction)
+
+
+def _remember_scope(session: OrmSession, execution_id: uuid.UUID) -> None:
+    savepoint = session.get_nested_transaction()
+    if savepoint is not None:
+        session.info.setdefault(_SEND_SCOPES, {})[execution_id] = savepoint
+
+
+def _drop_savepoint_sends(session: OrmSession, savepoint: Any) -> None:
+    """The enqueues made inside a SAVEPOINT that was rolled back (or inside one released
+    into it) will never commit: their sends are dropped, or, sent early, withdrawn. The
+    rest of the transaction's sends still go after its commit."""
+    scopes: dict[uuid.UUID, Any] = session.info.get(_SEND_SCOPES) or {}
+    lost = {execution_id for execution_id, scope in scopes.items() if _within(scope, savepoint)}
+    if not lost:
+        return
+    for execution_id in lost:
+        del scopes[execution_id]
+    pending = session.info.get(_PENDING_SENDS) or []
+    session.info[_PENDING_SENDS] = [p for p in pending if p[0] not in lost]
+    early = session.info.get(_EARLY_SENDS) or []
+    session.info[_EARLY_SENDS] = [e for e in early if e not in lost]
+    for execution_id in early:
+        if execution_id in lost:
+            logger.info("execution_send_withdrawn", execution_id=str(execution_id))
+
+
+def _within(scope: Any, savepoint: Any) -> bool:
+    """Whether the transaction ``scope`` is ``savepoint`` or nested inside it."""
+    while scope is not None:
+        if scope is savepoint:
+            return True
+        scope = scope.parent
+    return False
 
 
 def enqueue_execution(

@@ -619,8 +619,9 @@ def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
     celery_worker: Any, worker_settings: Any, pg_session: Session, early: bool
 ) -> None:
     """Releasing a SAVEPOINT fires SQLAlchemy's after_commit too; only the outer commit
-    makes the execution visible. One enqueue whose
-    SAVEPOINT is rolled back is dropped by the worker; the other runs."""
+    makes the execution visible. Of two enqueues, each in a SAVEPOINT, the one whose
+    SAVEPOINT is rolled back is never sent (sent early, the worker drops it); the other
+    runs."""
     from flowbuilder.tasks import execution as tasks_execution
 
     user = make_user(pg_session, credits=10)
@@ -652,10 +653,42 @@ def test_enqueue_in_a_savepoint_runs_after_the_outer_commit(
             assert wait_for_sends(10)
     finally:
         tasks_execution.send_execution = original
-    assert sorted(c[0] for c in calls) == sorted([lost, kept])
+    assert sorted(c[0] for c in calls) == sorted([lost, kept] if early else [kept])
     assert wait_done(pg_session, kept).status == ExecutionStatus.COMPLETED
     wait_for(lambda: _queue_empty(worker_settings), 15)
     assert [e.id for e in pg_session.exec(select(WorkflowExecution)).all()] == [kept]
+
+
+def test_enqueues_in_rolled_back_savepoints_are_never_sent(
+    pg_session: Session, monkeypatch: Any
+) -> None:
+    """Nested SAVEPOINTs: an enqueue in an inner SAVEPOINT released into an outer one that
+    is then rolled back goes with it, and so does one in the outer SAVEPOINT itself; the
+    enqueues outside, or in a SAVEPOINT released into the transaction, are sent after
+    the commit."""
+    from flowbuilder.tasks import execution as tasks_execution
+
+    sent: list[uuid.UUID] = []
+    monkeypatch.setattr(
+        tasks_execution, "send_execution", lambda execution_id, *a, **k: sent.append(execution_id)
+    )
+    user = make_user(pg_session, credits=10)
+    wf = make_workflow(pg_session, user, definition=json_definition(1), publish=True)
+    pg_session.commit()
+    first = enqueue_execution(pg_session, wf.id, user.id).id
+    with pytest.raises(RuntimeError), pg_session.begin_nested():
+        with pg_session.begin_nested():
+            enqueue_execution(pg_session, wf.id, user.id)
+        enqueue_execution(pg_session, wf.id, user.id)
+        raise RuntimeError("the caller's own error")
+    with pg_session.begin_nested():
+        kept = enqueue_execution(pg_session, wf.id, user.id).id
+    assert sent == []
+    pg_session.commit()
+    assert wait_for_sends(10)
+    assert sorted(sent) == sorted([first, kept])
+    stored = pg_session.exec(select(WorkflowExecution.id)).all()
+    assert sorted(stored) == sorted([first, kept])
 
 
 def test_redrive_policy_moves_a_poison_message_to_the_dead_letter_queue(
