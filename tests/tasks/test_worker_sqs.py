@@ -313,28 +313,47 @@ def test_concurrent_executions_never_overdraw(spawn_worker: Any, pg_session: Ses
     assert isinstance(logs, list)
 
 
+def _held_sends(
+    monkeypatch: Any, session: Session, phases: int = 1
+) -> tuple[Any, Any, Any, list[uuid.UUID], list[uuid.UUID]]:
+    """A published workflow, and SQS sends held until the returned event is set: (user,
+    workflow, that event, the ids whose send began, the ids whose send ended)."""
+    import threading
+
+    from flowbuilder.tasks import execution as tasks_execution
+
+    user = make_user(session, credits=10)
+    wf = make_workflow(session, user, definition=json_definition(phases), publish=True)
+    session.commit()
+    release = threading.Event()
+    started: list[uuid.UUID] = []
+    finished: list[uuid.UUID] = []
+    original = tasks_execution.send_execution
+
+    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        started.append(execution_id)
+        assert release.wait(30)
+        original(execution_id, *args, **kwargs)
+        finished.append(execution_id)
+
+    monkeypatch.setattr(tasks_execution, "send_execution", held)
+    return user, wf, release, started, finished
+
+
 def test_api_async_session_enqueue_sends_while_committing(
-    celery_worker: Any, pg_session: Session
+    celery_worker: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
     """The API's path: an async session, the one sync implementation through run_sync.
     With ENQUEUE_SEND_EARLY on PostgreSQL the send starts as soon as the rows are written
     (under the enqueue lock); the commit returns once the run is committed, without
     waiting for the send, and wait_for_sends() waits for it."""
     import asyncio
-    import threading
 
     from flowbuilder.platform import db
-    from flowbuilder.tasks import execution as tasks_execution
     from flowbuilder.tasks import wait_for_sends
 
-    user = make_user(pg_session, credits=10)
-    wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
-    pg_session.commit()
+    user, wf, release, started, finished = _held_sends(monkeypatch, pg_session, phases=2)
     seen_while_open: list[Any] = []
-    started: list[uuid.UUID] = []
-    finished: list[uuid.UUID] = []
-    release = threading.Event()
-    original = tasks_execution.send_execution
 
     async def scenario() -> uuid.UUID:
         async with db.get_session() as session:
@@ -347,13 +366,6 @@ def test_api_async_session_enqueue_sends_while_committing(
         await db.get_async_engine().dispose()
         return ex.id
 
-    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        started.append(execution_id)
-        assert release.wait(30)  # still sending when the caller commits
-        original(execution_id, *args, **kwargs)
-        finished.append(execution_id)
-
-    tasks_execution.send_execution = held
     try:
         with override_settings(ENQUEUE_SEND_EARLY=True):
             execution_id = asyncio.run(scenario())
@@ -365,7 +377,6 @@ def test_api_async_session_enqueue_sends_while_committing(
         assert wait_for_sends(30) is True
     finally:
         release.set()
-        tasks_execution.send_execution = original
     assert finished == [execution_id]
     assert seen_while_open == [[execution_id], None]
     done = wait_done(pg_session, execution_id)
@@ -373,25 +384,18 @@ def test_api_async_session_enqueue_sends_while_committing(
 
 
 def test_api_async_session_enqueue_sends_after_the_commit(
-    celery_worker: Any, pg_session: Session
+    celery_worker: Any, pg_session: Session, monkeypatch: Any
 ) -> None:
     """By default the send starts once the caller's transaction has committed, in the
     background: nothing is sent while the transaction is open (so no worker ever holds a
     message whose transaction may still roll back), and the commit does not wait for the
     send."""
     import asyncio
-    import threading
 
-    from flowbuilder.tasks import execution as tasks_execution
     from flowbuilder.tasks import wait_for_sends
 
-    user = make_user(pg_session, credits=10)
-    wf = make_workflow(pg_session, user, definition=json_definition(2), publish=True)
-    pg_session.commit()
+    user, wf, release, started, finished = _held_sends(monkeypatch, pg_session, phases=2)
     seen_while_open: list[Any] = []
-    started: list[uuid.UUID] = []
-    release = threading.Event()
-    original = tasks_execution.send_execution
 
     async def scenario() -> uuid.UUID:
         async with db.get_session() as session:
@@ -402,23 +406,17 @@ def test_api_async_session_enqueue_sends_after_the_commit(
             seen_while_open.append([p[0] for p in pending])
         # Committed; the send begins now, and is held back: the commit did not wait.
         wait_for(lambda: started == [ex.id], 10)
-        assert wait_for_sends(0.2) is False
+        assert finished == [] and wait_for_sends(0.2) is False
         await db.get_async_engine().dispose()
         return ex.id
 
-    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        started.append(execution_id)
-        assert release.wait(30)
-        original(execution_id, *args, **kwargs)
-
-    tasks_execution.send_execution = held
     try:
         execution_id = asyncio.run(scenario())
         release.set()
         assert wait_for_sends(30) is True
     finally:
         release.set()
-        tasks_execution.send_execution = original
+    assert finished == [execution_id]
     assert seen_while_open == [[], [execution_id]]
     assert wait_done(pg_session, execution_id).status == ExecutionStatus.COMPLETED
 
@@ -434,19 +432,7 @@ def _one_send_slot_and_held_sends(
 
     monkeypatch.setattr(tasks_execution, "_slots", threading.BoundedSemaphore(1))
     monkeypatch.setattr(tasks_execution, "_SEND_SLOT_WAIT_SECONDS", slot_wait)
-    user = make_user(session, credits=10)
-    wf = make_workflow(session, user, definition=json_definition(1), publish=True)
-    session.commit()
-    release = threading.Event()
-    sent: list[uuid.UUID] = []
-    original = tasks_execution.send_execution
-
-    def held(execution_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        sent.append(execution_id)
-        assert release.wait(30)
-        original(execution_id, *args, **kwargs)
-
-    monkeypatch.setattr(tasks_execution, "send_execution", held)
+    user, wf, release, sent, _finished = _held_sends(monkeypatch, session)
     return user, wf, release, sent
 
 
