@@ -43,6 +43,7 @@ class NotPureDelay(DelayNode):
 
     type = "bench_delay_not_pure"
     pure = False
+    inline = False  # (inline requires pure)
 
 
 NOT_PURE_DELAY = NotPureDelay.type

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import make_transient_to_detached
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import instance_dict, set_committed_value
 from sqlmodel import Session, select
 
 from flowbuilder.platform.crud._sql import in_batch, send_returning, send_statement
@@ -142,8 +142,10 @@ def _detached(values: dict[str, Any]) -> ExecutionPhase:
     """The object the ORM would load for this row, detached, without its query path (nor
     the model's validation: the values come from the database)."""
     phase = _PHASE_MANAGER.new_instance()
-    for key, value in values.items():
-        set_committed_value(phase, key, value)
+    # Where set_committed_value would put each value, in one update: the next call
+    # commits them all as a load does (~17 attribute calls per phase fewer, on the
+    # claim's path to the first node, for every phase of the run).
+    instance_dict(phase).update(values)
     make_transient_to_detached(phase)
     return phase
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlmodel import Session
@@ -26,6 +28,8 @@ from flowbuilder.platform.redaction import credential_forms, redact, redacted_tr
 from flowbuilder.platform.settings import get_settings
 
 logger = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 
 NODE_CONCURRENCY = 8
@@ -70,6 +74,9 @@ class Early:
 
     calls: list[_NodeCall]
     abort: threading.Event
+    # The phase's one node is to run on the run's own thread (NodeType.inline), beside
+    # its transaction: not started yet (see run_inline).
+    inline: bool = False
 
 
 def start_early(
@@ -88,6 +95,8 @@ def start_early(
         _NodeCall(node, phase, inputs[phase.id], credential, state, heartbeat, abort)
         for phase, node, credential in started
     ]
+    if len(calls) == 1 and getattr(calls[0].node_type, "inline", False):
+        return Early(calls, abort, inline=True)  # started by run_inline, on this thread
     begun = [threading.Event() for _ in calls]
     try:
         for call, event in zip(calls, begun, strict=True):
@@ -113,6 +122,37 @@ def start_early(
 
 # How long start_early waits for its nodes' threads to be running.
 _BEGIN_WAIT_SECONDS = 0.05
+
+
+# The phases' transactions that run beside an inline node (see run_inline). A pool of
+# its own: one shared with the nodes could have them all busy with nodes that wait.
+_transaction_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=NODE_CONCURRENCY, thread_name_prefix="phase-transaction"
+)
+
+
+def run_inline(early: Early, transaction: Callable[[], _T]) -> _T:
+    """Run ``transaction`` (the phase's, which starts it) on another thread while the
+    phase's one inline node runs on this one; return what the transaction returned.
+
+    A node on a thread of its own costs two hand-overs per phase, each a wake-up of a
+    sleeping thread: the run's thread waking when the node ends, the node's thread when
+    the next one starts. Here the node runs where its result is read, and the thread
+    that is woken is the transaction's, while the node works. ``transaction`` sets
+    ``early.abort`` itself when it fails or does not start the node (as
+    the engine's step does), so that the node stops within its slice instead of
+    running to its end. The transaction always ends before this returns or raises: it
+    holds the run's connection."""
+    context = contextvars.copy_context()  # the run's bound log fields, on that thread too
+    future = _transaction_pool.submit(context.run, transaction)
+    try:
+        early.calls[0].run_here()
+        return future.result()
+    except BaseException:
+        # The worker's time limit, while the node ran or while its transaction was read.
+        early.abort.set()
+        concurrent.futures.wait([future])
+        raise
 
 
 def all_pure(started: list[tuple[ExecutionPhase, Any, Any]]) -> bool:
@@ -179,11 +219,8 @@ class _NodeCall:
     def cancelled(self) -> bool:
         return self.heartbeat.cancelled.is_set() or (self.abort is not None and self.abort.is_set())
 
-    def submit(
-        self, begun: threading.Event | None = None
-    ) -> tuple[concurrent.futures.Future[Any], float, float] | None:
-        """One attempt on its own thread: ``(future, started, budget)``; None when the
-        run's time is out. ``begun`` is set when the thread starts the node."""
+    def _context(self) -> tuple[Any, float] | None:
+        """An attempt's context and its budget; None when the run's time is out."""
         from flowbuilder.platform.nodes.base import NodeContext
 
         budget = min(self.timeout, self.state.deadline - time.monotonic())
@@ -198,12 +235,38 @@ class _NodeCall:
             deadline=time.monotonic() + budget,
             cancelled=self.cancelled,
         )
+        return ctx, budget
+
+    def run_here(self) -> None:
+        """The first attempt, on this thread (``NodeType.inline``), kept as ``first``: a
+        future already done, which :func:`invoke_all` reads as it reads a thread's."""
+        made = self._context()
+        if made is None:
+            return  # invoke_all finds the run's time out
+        ctx, budget = made
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        started = time.monotonic()
+        try:
+            future.set_result(self.node_type.invoke(self.inputs, ctx))
+        except Exception as exc:  # noqa: BLE001 - read by _invoke as a thread's would be
+            future.set_exception(exc)
+        self.first = future, started, budget
+
+    def submit(
+        self, begun: threading.Event | None = None
+    ) -> tuple[concurrent.futures.Future[Any], float, float] | None:
+        """One attempt on its own thread: ``(future, started, budget)``; None when the
+        run's time is out. ``begun`` is set when the thread starts the node."""
+        made = self._context()
+        if made is None:
+            return None
+        ctx, budget = made
         started = time.monotonic()
         invoke = self.node_type.invoke
         if begun is not None:
             node_invoke = invoke
 
-            def invoke(inputs: dict[str, Any], ctx: NodeContext) -> Any:
+            def invoke(inputs: dict[str, Any], ctx: Any) -> Any:
                 begun.set()
                 return node_invoke(inputs, ctx)
 

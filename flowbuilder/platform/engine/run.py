@@ -55,6 +55,7 @@ from flowbuilder.platform.engine.invoke import (
     all_pure,
     invoke_all,
     load_credential,
+    run_inline,
     start_early,
 )
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
@@ -845,36 +846,44 @@ def _step(
         # A phase of pure nodes starts now, before its transaction is even built: the
         # nodes' work overlaps all of it (see _start_at_once).
         early = _start_at_once(state, heartbeat, group, planned, previous if succeeded else None)
-    try:
-        made = _fenced_step(
-            db,
-            state,
-            heartbeat,
-            group,
-            previous,
-            planned,
-            settings,
-            succeeded,
-            writes,
-            undo,
-            whole=whole,
-            early=early[1] if early else None,
-        )
-    except BaseException as exc:
-        if early is not None:
-            # The phase's start did not commit (refused, made again, or unknown): the
-            # nodes started ahead stop, and their results are never read.
-            early[1].abort.set()
-        if not isinstance(exc, _Unspeculate):
+
+    def transaction() -> _GroupRun | RunResult:
+        try:
+            made = _fenced_step(
+                db,
+                state,
+                heartbeat,
+                group,
+                previous,
+                planned,
+                settings,
+                succeeded,
+                writes,
+                undo,
+                whole=whole,
+                early=early[1] if early else None,
+            )
+        except BaseException:
+            if early is not None:
+                # The phase's start did not commit (refused, made again, or unknown):
+                # the nodes started ahead stop, and their results are never read.
+                early[1].abort.set()
             raise
+        if early is not None and (
+            not isinstance(made, _GroupRun) or len(made.started) != len(early[1].calls)
+        ):
+            early[1].abort.set()  # the run ended here instead, or not every node started
+        return made
+
+    try:
+        if early is not None and early[1].inline:
+            # The phase's one node on this thread, its transaction beside it.
+            return run_inline(early[1], transaction)
+        return transaction()
+    except _Unspeculate:
         if undo is not None:
             undo()
         return _step(db, state, heartbeat, group, previous, planned, settings, speculate=False)
-    if early is not None and (
-        not isinstance(made, _GroupRun) or len(made.started) != len(early[1].calls)
-    ):
-        early[1].abort.set()  # the run ended here instead, or not every node started
-    return made
 
 
 def _start_at_once(

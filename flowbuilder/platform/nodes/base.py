@@ -269,6 +269,14 @@ class NodeType:
     # inputs). Wrong, a refused phase would still have had its effect (a request sent
     # without being paid for, after a cancel); the default waits.
     pure: bool = False
+    # True only for a pure type whose ``run`` ends by its context's deadline on its own and
+    # soon after a cancel (it waits in short slices, checking both: ``NodeContext.check``).
+    # The engine may then call it on the run's own thread, with its phase's transaction
+    # on another, instead of on a node thread it would wait for from outside: no thread
+    # hand-over before and after the node. Wrong, a node that overran its timeout would
+    # hold the run (and its worker process) until the worker's time limit; the default
+    # gives the node its own thread.
+    inline: bool = False
 
     _FIELDS: ClassVar[tuple[str, ...]] = (
         "type",
@@ -283,6 +291,7 @@ class NodeType:
         "retry_backoff_seconds",
         "keeps_inputs",
         "pure",
+        "inline",
     )
 
     def __init__(
@@ -349,6 +358,8 @@ class NodeType:
         backoff = self.retry_backoff_seconds
         if not isinstance(backoff, int | float) or backoff < 0:
             problems.append("retry_backoff_seconds must be non-negative")
+        if self.inline and not self.pure:
+            problems.append("inline requires pure (an inline node starts before its phase commits)")
         return problems
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:

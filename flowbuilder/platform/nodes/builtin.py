@@ -417,6 +417,7 @@ class DelayNode(NodeType):
     credential = "none"
     keeps_inputs = True  # data is passed on untouched
     pure = True  # waits, and nothing else: may start before its phase commits
+    inline = True  # sleeps in slices of at most 0.1 s, checking its deadline and a cancel
 
     @property  # type: ignore[override]
     def timeout_seconds(self) -> float:

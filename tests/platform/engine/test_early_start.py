@@ -65,6 +65,9 @@ class _Probe:
         self.saw_cancel = threading.Event()
         self.wait_for_cancel = False
         self.inputs: dict[str, Any] | None = None
+        self.thread: int | None = None  # the thread it ran on
+        self.wait_for_commit = False
+        self.saw_commit = threading.Event()
 
 
 _lock = _Lock()
@@ -87,8 +90,16 @@ def _locker(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 def _probe_run(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
     _probe.inputs = dict(inputs)
+    _probe.thread = threading.get_ident()
     _probe.committed_running = _phase_status(ctx.execution_id, ctx.node_id) == PhaseStatus.RUNNING
     _probe.ran.set()
+    if _probe.wait_for_commit:
+        # Only a transaction running beside the node can commit its phase meanwhile.
+        for _ in range(int(_WAIT / 0.01)):
+            if _phase_status(ctx.execution_id, ctx.node_id) == PhaseStatus.RUNNING:
+                _probe.saw_commit.set()
+                break
+            threading.Event().wait(0.01)
     if _probe.wait_for_cancel:
         done = threading.Event()
         for _ in range(int(_WAIT / 0.01)):
@@ -99,7 +110,7 @@ def _probe_run(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {"done": True}
 
 
-def _node(type_: str, run: Any, *, pure: bool) -> NodeType:
+def _node(type_: str, run: Any, *, pure: bool, inline: bool = False) -> NodeType:
     return NodeType(
         type=type_,
         run=run,
@@ -107,6 +118,7 @@ def _node(type_: str, run: Any, *, pure: bool) -> NodeType:
         outputs={"done": PortSpec("any")},
         credits=1,
         pure=pure,
+        inline=inline,
     )
 
 
@@ -115,6 +127,7 @@ _NODES = [
     _node("test_plain", lambda inputs, ctx: {"done": "from n0"}, pure=False),
     _node("test_pure_probe", _probe_run, pure=True),
     _node("test_impure_probe", _probe_run, pure=False),
+    _node("test_inline_probe", _probe_run, pure=True, inline=True),
 ]
 
 
@@ -180,6 +193,7 @@ def test_a_pure_node_starts_before_its_phase_start_is_committed(session: Session
         _lock.release()
     thread.join(_WAIT)
     assert result and result[0].outcome == Outcome.COMPLETED
+    assert _probe.thread != thread.ident  # not inline: a node thread of its own
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 2
     assert phases[1].outputs == {"done": True}
@@ -296,3 +310,128 @@ def test_a_type_no_longer_registered_is_not_pure() -> None:
     _Phase.node_type = "delay"
     assert all_pure([(_Phase(), None, None)]) is True
     assert all_pure([(_Phase(), None, object())]) is False  # a credential: never early
+
+
+# ----------------------------------------------------------------------------- inline
+
+
+def test_an_inline_node_runs_on_the_runs_thread_its_transaction_beside_it(
+    session: Session,
+) -> None:
+    """``NodeType.inline``: the phase's one node runs on the run's own thread (no thread
+    hand-over before or after it) while its phase's transaction runs on another. The
+    probe starts while the lock holds that transaction back, then waits on the run's
+    thread until the transaction has committed its phase as running: were the
+    transaction run after the node on the same thread, it never would."""
+    user, ex = _prepare(session, "test_locker", "test_inline_probe")
+    _probe.wait_for_commit = True
+    thread, result = _in_background(ex.id)
+    try:
+        assert _probe.ran.wait(_WAIT), "the inline node did not start while its phase committed"
+        assert _probe.committed_running is False
+        assert _phase_status(ex.id, "n1") == PhaseStatus.CREATED
+    finally:
+        _lock.release()
+    thread.join(_WAIT)
+    assert result and result[0].outcome == Outcome.COMPLETED
+    assert _probe.thread == thread.ident  # the run's own thread
+    assert _probe.saw_commit.is_set(), "the transaction did not run beside the node"
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 2
+    assert phases[1].outputs == {"done": True}
+    assert _balanced(session, user) == 8
+
+
+def test_a_refused_phase_tells_its_inline_node_to_stop_while_it_runs(
+    session: Session,
+) -> None:
+    """The transaction beside an inline node is refused (its debit, as in the test
+    above for a node thread): it tells the node to stop at once, from its own thread;
+    the run's thread, busy in the node until then, goes on and fails the phase."""
+    user, ex = _prepare(session, "test_locker", "test_inline_probe", credits=2)
+    _probe.wait_for_cancel = True
+    thread, result = _in_background(ex.id)
+    try:
+        assert _lock.taken.wait(_WAIT)
+        with Session(db.get_engine()) as other:
+            balance_crud.debit_credits(
+                session=other, user_id=user.id, amount=1, idempotency_key="elsewhere", reason="x"
+            )
+            other.commit()
+        assert _probe.ran.wait(_WAIT)
+    finally:
+        _lock.release()
+    # Without the transaction's own signal, the node would wait _WAIT for a cancel, and
+    # only then would the run's thread learn of the refusal.
+    assert _probe.saw_cancel.wait(_WAIT), "the inline node was not told to stop"
+    thread.join(_WAIT)
+    assert result and result[0].outcome == Outcome.FAILED
+    assert "insufficient" in (result[0].error or "").lower()
+    assert _probe.thread == thread.ident
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED, PhaseStatus.FAILED]
+    assert phases[1].outputs is None and phases[1].credits_charged == 0
+    assert _balanced(session, user) == 0
+
+
+class _TimeLimit(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded (the platform imports no Celery)."""
+
+
+def test_a_time_limit_while_an_inline_node_waits_for_its_transaction(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's time limit strikes the run's thread (a signal, as Celery's soft
+    limit does) after the inline node returned, while its transaction is still held
+    back by the lock: the run waits for that transaction to end before it closes the
+    connection it runs on, then ends failed as timed out, its balance equal to its
+    ledger."""
+    import signal
+
+    from flowbuilder.platform.engine.state import _TIME_LIMIT_ERRORS, register_time_limit_error
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    from flowbuilder.platform.engine import run as run_module
+
+    register_time_limit_error(_TimeLimit)
+    user, ex = _prepare(session, "test_locker", "test_inline_probe")
+    ended: list[bool] = []  # the transactions that ended, as the run's thread sees them
+    fenced_step = run_module._fenced_step
+
+    def lingering(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fenced_step(*args, **kwargs)
+        finally:
+            if len(ended) == 1:  # the inline node's: it lingers after its COMMIT
+                threading.Event().wait(0.5)
+            ended.append(True)
+
+    monkeypatch.setattr(run_module, "_fenced_step", lingering)
+
+    def strike(_signum: int, _frame: Any) -> None:
+        # Released a moment later: the transaction then commits the phase's start.
+        threading.Timer(0.3, _lock.release).start()
+        raise _TimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, strike)
+    try:
+        # The probe returns at once; the run's thread then waits for the transaction.
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        result = run_execution(ex.id)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        _TIME_LIMIT_ERRORS.remove(_TimeLimit)
+    assert len(ended) == 2, "the run ended before its transaction did"
+    assert _probe.thread == threading.get_ident()
+    assert result.outcome == Outcome.FAILED
+    assert "time limit" in (result.error or "")
+    with Session(db.get_engine()) as other:
+        execution = other.get(WorkflowExecution, ex.id)
+        assert execution is not None and execution.status.value == "failed"
+        assert execution.error == result.error
+    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
+    assert [p.status for p in phases] == [PhaseStatus.COMPLETED, PhaseStatus.FAILED]
+    assert phases[1].credits_charged == 0  # interrupted: refunded, per the policy
+    assert _balanced(session, user) == 9
