@@ -54,10 +54,16 @@ class SerialisedJSON(dict):  # type: ignore[type-arg]
         self.parts = parts
 
 
+# json.dumps(key, ensure_ascii=False) and json.dumps(item, separators=(",", ":")), their
+# encoders built once (json.dumps builds one per call when given an option).
+_key_text = json.JSONEncoder(ensure_ascii=False).encode
+_compact_text = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def object_text(parts: dict[str, str]) -> str:
     """The JSON text of an object whose values' texts are ``parts`` (key: value text),
     compact, keys written as the node boundary writes them (not ASCII-escaped)."""
-    members = [json.dumps(key, ensure_ascii=False) + ":" + part for key, part in parts.items()]
+    members = [_key_text(key) + ":" + part for key, part in parts.items()]
     return "{" + ",".join(members) + "}"
 
 
@@ -67,8 +73,7 @@ def serialised_object(value: dict[str, Any], known: dict[str, str]) -> Serialise
     :class:`SerialisedJSON`) instead of serialising them again; the others are
     serialised as :func:`dumps_json` does. Raises what json.dumps raises."""
     parts = {
-        key: known[key] if key in known else json.dumps(item, separators=(",", ":"))
-        for key, item in value.items()
+        key: known[key] if key in known else _compact_text(item) for key, item in value.items()
     }
     return SerialisedJSON(value, object_text(parts), parts)
 

@@ -24,6 +24,8 @@ from flowbuilder.platform.jsonvalues import clean_string
 from flowbuilder.platform.models import (
     ExecutionPhase,
 )
+from flowbuilder.platform.nodes import find_node_type, get_node_type
+from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
 from flowbuilder.platform.redaction import credential_forms, redact, redacted_traceback
 from flowbuilder.platform.settings import get_settings
 
@@ -157,8 +159,6 @@ def run_inline(early: Early, transaction: Callable[[], _T]) -> _T:
 
 def all_pure(started: list[tuple[ExecutionPhase, Any, Any]]) -> bool:
     """Whether every node of a phase may start before the phase's start is committed."""
-    from flowbuilder.platform.nodes import find_node_type
-
     # An unknown type (unregistered since the plan was made) is not pure: it fails on the
     # common path, after its phase's start, as before.
     return all(
@@ -204,9 +204,6 @@ class _NodeCall:
         heartbeat: Heartbeat,
         abort: threading.Event | None = None,
     ) -> None:
-        from flowbuilder.platform.nodes import get_node_type
-        from flowbuilder.platform.nodes.base import NodeLogger
-
         self.phase, self.inputs, self.credential, self.state = phase, inputs, credential, state
         self.heartbeat = heartbeat
         self.node_type = get_node_type(phase.node_type)
@@ -221,8 +218,6 @@ class _NodeCall:
 
     def _context(self) -> tuple[Any, float] | None:
         """An attempt's context and its budget; None when the run's time is out."""
-        from flowbuilder.platform.nodes.base import NodeContext
-
         budget = min(self.timeout, self.state.deadline - time.monotonic())
         if budget <= 0:
             return None
@@ -266,7 +261,7 @@ class _NodeCall:
         if begun is not None:
             node_invoke = invoke
 
-            def invoke(inputs: dict[str, Any], ctx: Any) -> Any:
+            def invoke(inputs: dict[str, Any], ctx: NodeContext) -> Any:
                 begun.set()
                 return node_invoke(inputs, ctx)
 
@@ -275,8 +270,6 @@ class _NodeCall:
 
 def _invoke(call: _NodeCall) -> NodeOutcome:
     """Run one node with its timeout and its declared retries for transient errors."""
-    from flowbuilder.platform.nodes.base import NodeCancelled, NodeError
-
     settings = get_settings()
     phase, inputs, credential, state = call.phase, call.inputs, call.credential, call.state
     node_type, node_log, timeout = call.node_type, call.log, call.timeout

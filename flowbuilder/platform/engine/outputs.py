@@ -41,14 +41,15 @@ _STEP[ord("[")], _STEP[ord("]")] = 1, -1
 # Levels peeled with bytes.replace before counting the rest in one pass: typical outputs
 # are a few levels deep (a few C passes); a deep value is counted, never peeled 500 times.
 _PEEL_PASSES = 8
+# Values stored as they are, with no copy, when the encoder took them: exactly these
+# types (a subclass of int or float may carry state, or serialise differently).
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
-def _text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
+# json.dumps with these options, the encoders built once: json.dumps builds one per call
+# when given any option (a few Python calls each time, on every phase's path).
+_text = json.JSONEncoder(ensure_ascii=False, separators=_SEPARATORS).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=_SEPARATORS, allow_nan=False).encode
 
 
 def _text_and_parts(
@@ -150,6 +151,14 @@ def _plain_copy(
     except (ValueError, TypeError, RecursionError):
         return None
     same = {key for key, part in handed.items() if parts is not None and parts[key] == part}
+    if (
+        parts is not None
+        and all(key in same or type(value) in _SCALARS for key, value in outputs.items())
+        and _plain_keys(outputs)
+    ):
+        # Nothing to read back: numbers, booleans and nulls are immutable, and the
+        # encoder refused what JSON cannot hold (NaN); the rest was handed in as it came.
+        return dict(outputs), text, parts
     rest = text
     if same:
         assert parts is not None  # _handed_in finds nothing without them
@@ -166,6 +175,18 @@ def _plain_copy(
         return _loads(text), text, parts
     fresh = _loads(rest)
     return {key: outputs[key] if key in same else fresh[key] for key in outputs}, text, parts
+
+
+def _plain_keys(outputs: dict[str, Any]) -> bool:
+    """Whether the (string) keys hold no NUL and no lone surrogate: nothing to repair."""
+    keys = "".join(outputs)
+    if "\x00" in keys:
+        return False
+    try:
+        keys.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _size(value: Any) -> int:

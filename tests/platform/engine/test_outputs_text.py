@@ -267,6 +267,25 @@ def test_the_fast_path_traps() -> None:
     }
 
 
+def test_numbers_booleans_and_nulls_are_not_read_back() -> None:
+    """Outputs of scalars only (a delay's ``slept_seconds``): stored as they are, with the
+    text the encoder wrote; anything else (a subclass, a string) still goes the full way."""
+    from flowbuilder.platform.engine import outputs
+
+    big = 10**30  # a read back would make a new int object
+    value = {"n": big, "x": 0.1, "b": False, "z": None}
+    fast = outputs._plain_copy(value, 8)
+    assert fast is not None
+    clean, text, parts = fast
+    assert clean == make_storable(value, max_depth=8, repair=True) and json.loads(text) == value
+    assert clean["n"] is big  # taken as it is, not parsed again
+    assert parts == {key: json.dumps(item) for key, item in value.items()}
+    clean, _text, _parts = outputs._plain_copy({"f": _Float(0.25), "s": "x"}, 8)  # type: ignore[misc]
+    assert type(clean["f"]) is float and clean == {"f": 0.25, "s": "x"}
+    assert outputs._plain_copy({"v": math.inf}, 8) is None
+    assert outputs._plain_copy({"k\x00": 1.5}, 8) is None
+
+
 def test_values_texts_only_for_plain_string_keys() -> None:
     clean, text = storable_outputs_text({"a": [1], "b": "é"}, max_bytes=10**6, max_depth=8)
     assert clean.parts == {"a": "[1]", "b": '"é"'} and text == '{"a":[1],"b":"é"}'
