@@ -377,7 +377,15 @@ class _RunConnection:
         commits. That raises :class:`_Unspeculate` once rolled back, and the step is made
         again the way that reads answers and says why. A connection lost on the way leaves
         the commit unknown: the error goes to run_execution (TransientError), and the run
-        resumes from what the database holds, as when any COMMIT's answer is lost."""
+        resumes from what the database holds, as when any COMMIT's answer is lost.
+
+        A connection that is not idle with nothing to read (the server ended it while it
+        was idle) raises :class:`_Unspeculate` before anything is sent: the step is then
+        made the :meth:`fenced` way, which replaces it. Checked here, on the thread that
+        sends the transaction, not before the step's nodes start (its ~0.1 ms would
+        delay every phase's node for a case that is rare)."""
+        if not self.can_send_whole():
+            raise _Unspeculate
         self.deferred = []
         with self._bare_session() as session:
             conn = session.connection()
@@ -811,10 +819,10 @@ def _step(
     # after a phase that succeeded, or the start of a phase whose debits go ahead.
     whole = bool(
         speculate
+        and db.batches
         and (light or (group is None and succeeded))
         and not heartbeat.cancelled.is_set()
         and state.deadline - time.monotonic() > 0
-        and db.can_send_whole()
     )
     ahead = None  # the phases whose debits travel with the fence
     if whole and group is not None:

@@ -5,6 +5,7 @@ PostgreSQL only: the connection is cut with pg_terminate_backend."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -129,4 +130,69 @@ def test_connection_lost_inside_a_transaction_is_transient_and_resumes(
     session.expire_all()
     assert session.get(WorkflowExecution, ex.id).lease_owner is None  # released
     assert run_execution(ex.id).outcome == Outcome.COMPLETED
+    _check_completed(session, user, ex, 3)
+
+
+_pure_calls: dict[str, int] = {}
+
+
+def _pure_cutter(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Pure and inline (it starts before its phase's transaction is sent): c1 waits until
+    its phase's start is committed, then cuts every other connection, the run's held one
+    included, which is idle until the next phase's transaction."""
+    _pure_calls[ctx.node_id] = _pure_calls.get(ctx.node_id, 0) + 1
+    cut = _cut.get(inputs["key"])
+    if ctx.node_id == "c1" and cut is not None and not cut["done"]:
+        engine = cut["engine"]
+        for _ in range(3000):
+            with engine.pool._creator() as raw:  # outside the pool: not a run's connection
+                status = raw.execute(
+                    "SELECT status FROM execution_phase WHERE execution_id = %s AND node_id = 'c1'",
+                    (ctx.execution_id,),
+                ).fetchone()[0]
+            if status == "running":
+                break
+            ctx.check()
+            time.sleep(0.01)
+        cut["done"] = True
+        terminate_other_backends(engine)
+    return {"value": inputs["key"]}
+
+
+def test_connection_lost_while_idle_before_a_phase_sent_whole(pg_only, session) -> None:
+    """The check that the held connection is alive (idle, nothing on its socket) is made
+    on the thread that sends the next transaction, after that phase's pure node started:
+    found dead, the transaction is not sent, the node's result is thrown away, and the
+    step is made again the fenced way, which replaces the connection. The run completes,
+    each phase debited once; c2 ran twice (its early start discarded)."""
+    register_node_type(
+        NodeType(
+            type="test_pure_cutter",
+            run=_pure_cutter,
+            inputs={"key": PortSpec("string", required=True), "after": PortSpec("any")},
+            outputs={"value": PortSpec("any")},
+            credits=1,
+            pure=True,
+            inline=True,
+        ),
+        replace=True,
+    )
+    try:
+        key = "idle-before-whole"
+        _cut[key] = {"done": False, "engine": pg_only}
+        _pure_calls.clear()
+        definition = _chain(key, 3)
+        for node in definition["nodes"]:
+            node["type"] = "test_pure_cutter"
+        user = make_user(session, credits=100)
+        wf = make_workflow(session, user, definition=definition, publish=True)
+        session.commit()
+        ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
+        session.commit()
+        result = run_execution(ex.id)
+    finally:
+        unregister_node_type("test_pure_cutter")
+    assert _cut[key]["done"]
+    assert result.outcome == Outcome.COMPLETED, result
+    assert _pure_calls == {"c0": 1, "c1": 1, "c2": 2}
     _check_completed(session, user, ex, 3)
