@@ -239,13 +239,12 @@ class _NodeCall:
         if made is None:
             return  # invoke_all finds the run's time out
         ctx, budget = made
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         started = time.monotonic()
         try:
-            future.set_result(self.node_type.invoke(self.inputs, ctx))
+            done = _Done(self.node_type.invoke(self.inputs, ctx))
         except Exception as exc:  # noqa: BLE001 - read by _invoke as a thread's would be
-            future.set_exception(exc)
-        self.first = future, started, budget
+            done = _Done(error=exc)
+        self.first = done, started, budget  # type: ignore[assignment]
 
     def submit(
         self, begun: threading.Event | None = None
@@ -266,6 +265,21 @@ class _NodeCall:
                 return node_invoke(inputs, ctx)
 
         return _node_pool.submit(invoke, self.inputs, ctx), started, budget
+
+
+class _Done:
+    """An inline node's result, read as a thread's future is (``result``): no lock, no
+    condition, nothing to wait for."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _invoke(call: _NodeCall) -> NodeOutcome:
