@@ -305,6 +305,13 @@ class _RunConnection:
                 driver.autocommit = True  # back to the driver's own BEGIN at the end
                 with driver.pipeline():
                     send_command(conn, "BEGIN")
+                    # The claim's COMMIT does not wait for its WAL to reach the disk
+                    # (~1 ms here, on the way to the first node). What it risks: a server
+                    # crash within that moment loses the claim (the attempt it counts, the
+                    # lease); the run's connection is lost with it, and the redelivery
+                    # claims again. Anything the run then commits (its phases, their
+                    # debits: synchronous) flushes the claim's commit first.
+                    send_command(conn, _CLAIM_COMMITS_ASYNC)
                     answer = execution_crud.send_claim(
                         connection=conn, execution_id=execution_id, owner=owner, lease_seconds=lease
                     )
@@ -769,6 +776,10 @@ class _Unspeculate(Exception):
     """The next phase's debit went with the fence, but the phase must not start; or a
     transaction sent whole was refused by its fence or its debit (see
     :meth:`_RunConnection.sent_whole`)."""
+
+
+# Sent first in the claim's transaction (see _RunConnection.claim); that transaction only.
+_CLAIM_COMMITS_ASYNC = "SET LOCAL synchronous_commit = off"
 
 
 # What the statements of a transaction sent whole fail with when they refuse (a division

@@ -265,3 +265,32 @@ def test_one_debit_refused_in_a_phase_of_several_nodes_keeps_none_of_them(
     assert statuses == [PhaseStatus.COMPLETED.value, PhaseStatus.FAILED.value]
     charged = sum(p.credits_charged for p in phases.values())
     assert charged == 2 and _balanced(session, user) == 0
+
+
+def test_only_the_claim_commits_without_waiting_for_the_disk(engine, session: Session) -> None:
+    """The claim's transaction says ``synchronous_commit = off`` (a server crash may lose
+    the claim, never a debit); every other transaction of the run, the phases' debits
+    among them, commits the default way. Read from the statements the run sends."""
+    if not _postgres(engine):
+        pytest.skip("the claim goes in one batch on psycopg only")
+    user, ex = _prepare(session, phases=3)
+    sent: list[str] = []
+
+    def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(engine, "before_cursor_execute", watch)
+    try:
+        assert run_execution(ex.id, engine=engine).outcome == Outcome.COMPLETED
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", watch)
+    relaxed = [i for i, text in enumerate(sent) if "synchronous_commit" in text]
+    begins = [i for i, text in enumerate(sent) if text == "BEGIN"]
+    commits = [i for i, text in enumerate(sent) if text == "COMMIT"]
+    assert len(relaxed) == 1 and sent[relaxed[0]] == "SET LOCAL synchronous_commit = off"
+    # In the run's first transaction (the claim: BEGIN, this, the claim's UPDATE), ...
+    assert begins[0] < relaxed[0] < commits[0] and relaxed[0] == begins[0] + 1
+    assert sent[relaxed[0] + 1].startswith("UPDATE workflow_execution")
+    # ... and in no other: each phase's transaction and the run's end commit as usual.
+    assert len(commits) >= 4
+    assert _balanced(session, user) == 7
