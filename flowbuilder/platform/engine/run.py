@@ -56,6 +56,7 @@ from flowbuilder.platform.engine.invoke import (
     invoke_all,
     load_credential,
     run_inline,
+    start_beside,
     start_early,
 )
 from flowbuilder.platform.engine.lease import Heartbeat, release_quietly, renew, send_renew
@@ -134,7 +135,9 @@ def run_execution(
                 user_id=str(state.user_id),
             ):
                 heartbeat = Heartbeat(engine, execution_id, owner, settings.LEASE_SECONDS)
-                heartbeat.start()
+                # Its first beat is a third of a lease away: the run does not wait for its
+                # thread to be running (stopped before it runs, it ends at once).
+                start_beside(heartbeat.start, "heartbeat")
                 try:
                     result = _run_phases(db, state, heartbeat, on_phase_started)
                 finally:

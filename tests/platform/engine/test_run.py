@@ -744,3 +744,46 @@ def test_a_cached_plan_never_runs_a_run_whose_version_was_deleted(engine, sessio
     third = _reload(session, third)
     assert third.status == ExecutionStatus.FAILED
     assert third.error == "the workflow version was deleted before the run"
+
+
+def test_the_heartbeat_renews_the_lease_while_a_node_runs_and_brings_a_cancel(
+    engine, session: Session
+) -> None:
+    """While a long node runs, only the heartbeat's thread touches the database: it renews
+    the lease (every third of LEASE_SECONDS), and it is what tells the node of a cancel
+    requested meanwhile (``ctx.is_cancelled()``), so the run ends long before the node's
+    20 s. The run does not wait for that thread to start; it must start all the same."""
+    definition = {
+        "version": 1,
+        "nodes": [{"id": "wait", "type": "delay", "inputs": {"seconds": 20}}],
+        "edges": [],
+    }
+    with override_settings(LEASE_SECONDS=0.6):
+        user, _, ex = _prepare(session, definition, credits=10)
+        results: list[RunResult] = []
+        thread = threading.Thread(target=lambda: results.append(run_execution(ex.id)))
+        thread.start()
+
+        def lease() -> Any:
+            with Session(engine) as s:
+                row = s.get(WorkflowExecution, ex.id)
+                return row.lease_expires_at if row.status == ExecutionStatus.RUNNING else None
+
+        first = None
+        for _ in range(1000):  # at most 10 s for the run to start
+            if (first := lease()) is not None:
+                break
+            time.sleep(0.01)
+        assert first is not None, "the run did not start"
+        later = first
+        for _ in range(200):  # a beat is due every 0.2 s; at most 2 s
+            time.sleep(0.01)
+            if (later := lease()) is not None and later > first:
+                break
+        assert later is not None and later > first, "the lease was not renewed"
+        with Session(engine) as s:
+            cancel_execution(session=s, execution_id=ex.id, user_id=user.id)
+            s.commit()
+        thread.join(10)
+        assert not thread.is_alive(), "the cancel did not reach the running node"
+    assert results and results[0].outcome == Outcome.CANCELLED
