@@ -250,13 +250,17 @@ def test_a_node_that_is_not_pure_starts_only_once_its_phase_start_is_committed(
     assert _balanced(session, user) == 8
 
 
+@pytest.mark.parametrize("probe", ["test_pure_probe", "test_inline_probe"])
 def test_a_refused_phase_stops_its_early_nodes_and_keeps_nothing_of_them(
-    session: Session,
+    session: Session, probe: str
 ) -> None:
     """The second phase's debit is refused (the balance was spent elsewhere while the
     first phase ran): the transaction sent whole is rolled back, the probe started with
-    it is told to stop, and the reading path fails the phase, charged nothing."""
-    user, ex = _prepare(session, "test_locker", "test_pure_probe", credits=2)
+    it is told to stop, and the reading path fails the phase, charged nothing. An inline
+    probe runs on the run's own thread, busy in it until then: the transaction tells it
+    from its own thread (without that, the probe would wait _WAIT for a cancel, and only
+    then would the run's thread learn of the refusal)."""
+    user, ex = _prepare(session, "test_locker", probe, credits=2)
     _probe.wait_for_cancel = True
     thread, result = _in_background(ex.id)
     try:
@@ -269,10 +273,11 @@ def test_a_refused_phase_stops_its_early_nodes_and_keeps_nothing_of_them(
         assert _probe.ran.wait(_WAIT)
     finally:
         _lock.release()
+    assert _probe.saw_cancel.wait(_WAIT), "the early node was not told to stop"
     thread.join(_WAIT)
     assert result and result[0].outcome == Outcome.FAILED
     assert "insufficient" in (result[0].error or "").lower()
-    assert _probe.saw_cancel.wait(_WAIT), "the early node was not told to stop"
+    assert (_probe.thread == thread.ident) is (probe == "test_inline_probe")
     phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED, PhaseStatus.FAILED]
     assert phases[1].outputs is None and phases[1].credits_charged == 0
@@ -340,38 +345,6 @@ def test_an_inline_node_runs_on_the_runs_thread_its_transaction_beside_it(
     assert [p.status for p in phases] == [PhaseStatus.COMPLETED] * 2
     assert phases[1].outputs == {"done": True}
     assert _balanced(session, user) == 8
-
-
-def test_a_refused_phase_tells_its_inline_node_to_stop_while_it_runs(
-    session: Session,
-) -> None:
-    """The transaction beside an inline node is refused (its debit, as in the test
-    above for a node thread): it tells the node to stop at once, from its own thread;
-    the run's thread, busy in the node until then, goes on and fails the phase."""
-    user, ex = _prepare(session, "test_locker", "test_inline_probe", credits=2)
-    _probe.wait_for_cancel = True
-    thread, result = _in_background(ex.id)
-    try:
-        assert _lock.taken.wait(_WAIT)
-        with Session(db.get_engine()) as other:
-            balance_crud.debit_credits(
-                session=other, user_id=user.id, amount=1, idempotency_key="elsewhere", reason="x"
-            )
-            other.commit()
-        assert _probe.ran.wait(_WAIT)
-    finally:
-        _lock.release()
-    # Without the transaction's own signal, the node would wait _WAIT for a cancel, and
-    # only then would the run's thread learn of the refusal.
-    assert _probe.saw_cancel.wait(_WAIT), "the inline node was not told to stop"
-    thread.join(_WAIT)
-    assert result and result[0].outcome == Outcome.FAILED
-    assert "insufficient" in (result[0].error or "").lower()
-    assert _probe.thread == thread.ident
-    phases = phase_crud.list_phases(session=session, execution_id=ex.id, user_id=user.id)
-    assert [p.status for p in phases] == [PhaseStatus.COMPLETED, PhaseStatus.FAILED]
-    assert phases[1].outputs is None and phases[1].credits_charged == 0
-    assert _balanced(session, user) == 0
 
 
 class _TimeLimit(Exception):

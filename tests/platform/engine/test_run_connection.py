@@ -34,27 +34,35 @@ def _cutter(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {"value": inputs["key"]}
 
 
+def _cutter_type(name: str, run: Any, **flags: Any) -> NodeType:
+    return NodeType(
+        type=name,
+        run=run,
+        inputs={"key": PortSpec("string", required=True), "after": PortSpec("any")},
+        outputs={"value": PortSpec("any")},
+        credits=1,
+        **flags,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _node():
-    register_node_type(
-        NodeType(
-            type="test_cutter",
-            run=_cutter,
-            inputs={"key": PortSpec("string", required=True), "after": PortSpec("any")},
-            outputs={"value": PortSpec("any")},
-            credits=1,
-        ),
-        replace=True,
-    )
+    types = [
+        _cutter_type("test_cutter", _cutter),
+        _cutter_type("test_pure_cutter", _pure_cutter, pure=True, inline=True),
+    ]
+    for node_type in types:
+        register_node_type(node_type, replace=True)
     yield
-    unregister_node_type("test_cutter")
+    for node_type in types:
+        unregister_node_type(node_type.type)
 
 
-def _chain(key: str, phases: int) -> dict[str, Any]:
+def _chain(key: str, phases: int, node_type: str = "test_cutter") -> dict[str, Any]:
     return {
         "version": 1,
         "nodes": [
-            {"id": f"c{i}", "type": "test_cutter", "inputs": {"key": key}} for i in range(phases)
+            {"id": f"c{i}", "type": node_type, "inputs": {"key": key}} for i in range(phases)
         ],
         "edges": [
             {
@@ -68,9 +76,9 @@ def _chain(key: str, phases: int) -> dict[str, Any]:
     }
 
 
-def _prepare(session: Session, key: str, phases: int = 3):
+def _prepare(session: Session, key: str, phases: int = 3, node_type: str = "test_cutter"):
     user = make_user(session, credits=100)
-    wf = make_workflow(session, user, definition=_chain(key, phases), publish=True)
+    wf = make_workflow(session, user, definition=_chain(key, phases, node_type), publish=True)
     session.commit()
     ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
     session.commit()
@@ -165,33 +173,11 @@ def test_connection_lost_while_idle_before_a_phase_sent_whole(pg_only, session) 
     found dead, the transaction is not sent, the node's result is thrown away, and the
     step is made again the fenced way, which replaces the connection. The run completes,
     each phase debited once; c2 ran twice (its early start discarded)."""
-    register_node_type(
-        NodeType(
-            type="test_pure_cutter",
-            run=_pure_cutter,
-            inputs={"key": PortSpec("string", required=True), "after": PortSpec("any")},
-            outputs={"value": PortSpec("any")},
-            credits=1,
-            pure=True,
-            inline=True,
-        ),
-        replace=True,
-    )
-    try:
-        key = "idle-before-whole"
-        _cut[key] = {"done": False, "engine": pg_only}
-        _pure_calls.clear()
-        definition = _chain(key, 3)
-        for node in definition["nodes"]:
-            node["type"] = "test_pure_cutter"
-        user = make_user(session, credits=100)
-        wf = make_workflow(session, user, definition=definition, publish=True)
-        session.commit()
-        ex = prepare_execution(session=session, workflow_id=wf.id, user_id=user.id)
-        session.commit()
-        result = run_execution(ex.id)
-    finally:
-        unregister_node_type("test_pure_cutter")
+    key = "idle-before-whole"
+    _cut[key] = {"done": False, "engine": pg_only}
+    _pure_calls.clear()
+    user, ex = _prepare(session, key, node_type="test_pure_cutter")
+    result = run_execution(ex.id)
     assert _cut[key]["done"]
     assert result.outcome == Outcome.COMPLETED, result
     assert _pure_calls == {"c0": 1, "c1": 1, "c2": 2}
