@@ -41,6 +41,7 @@ import structlog
 
 from flowbuilder.platform.errors import NodeError, NodeTimeout, TransientNodeError
 from flowbuilder.platform.settings import get_settings
+from flowbuilder.platform.threadpools import ThreadPool
 
 logger = structlog.get_logger(__name__)
 
@@ -448,7 +449,7 @@ class _DeadlineTransport(httpx.HTTPTransport):
 
 # A few threads for getaddrinfo, which has no timeout of its own. A lookup that outlives
 # its request's deadline is abandoned (the resolver's own timeouts end it later).
-_dns_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
+_dns_pool = ThreadPool(max_workers=8, thread_name_prefix="dns")
 
 
 def _resolve_before(host: str, port: int, deadline: float) -> list[str]:

@@ -28,6 +28,7 @@ from flowbuilder.platform.nodes import find_node_type, get_node_type
 from flowbuilder.platform.nodes.base import NodeCancelled, NodeContext, NodeError, NodeLogger
 from flowbuilder.platform.redaction import credential_forms, redact, redacted_traceback
 from flowbuilder.platform.settings import get_settings
+from flowbuilder.platform.threadpools import ThreadPool
 
 logger = structlog.get_logger(__name__)
 
@@ -38,14 +39,10 @@ NODE_CONCURRENCY = 8
 # One pool for node calls: a node gets a thread so its timeout can be enforced from
 # outside even when the node itself ignores its deadline. Larger than NODE_CONCURRENCY so
 # that a few timed-out nodes still running in the background do not starve new ones.
-_node_pool = concurrent.futures.ThreadPoolExecutor(
-    max_workers=NODE_CONCURRENCY * 2, thread_name_prefix="node"
-)
+_node_pool = ThreadPool(max_workers=NODE_CONCURRENCY * 2, thread_name_prefix="node")
 
 
-_phase_pool = concurrent.futures.ThreadPoolExecutor(
-    max_workers=NODE_CONCURRENCY, thread_name_prefix="phase"
-)
+_phase_pool = ThreadPool(max_workers=NODE_CONCURRENCY, thread_name_prefix="phase")
 
 
 def invoke_all(
@@ -128,9 +125,7 @@ _BEGIN_WAIT_SECONDS = 0.05
 
 # The phases' transactions that run beside an inline node (see run_inline). A pool of
 # its own: one shared with the nodes could have them all busy with nodes that wait.
-_transaction_pool = concurrent.futures.ThreadPoolExecutor(
-    max_workers=NODE_CONCURRENCY, thread_name_prefix="phase-transaction"
-)
+_transaction_pool = ThreadPool(max_workers=NODE_CONCURRENCY, thread_name_prefix="phase-transaction")
 
 
 def start_beside(start: Callable[[], None], what: str) -> None:

@@ -120,8 +120,7 @@ def test_start_early_returns_with_its_nodes_running(monkeypatch: pytest.MonkeyPa
 def test_a_busy_pool_does_not_hold_the_engine_and_the_node_runs_once_a_thread_frees() -> None:
     release = threading.Event()
     holders = [
-        invoke._node_pool.submit(release.wait, _BOUND)
-        for _ in range(invoke._node_pool._max_workers)
+        invoke._node_pool.submit(release.wait, _BOUND) for _ in range(invoke._node_pool.max_workers)
     ]
     started = _started()
     inputs = {started[0][0].id: {"value": "late"}}
