@@ -131,9 +131,10 @@ _transaction_pool = ThreadPool(max_workers=NODE_CONCURRENCY, thread_name_prefix=
 def start_beside(start: Callable[[], None], what: str) -> None:
     """``start()`` on a thread of the transactions' pool, this thread going on at once.
 
-    For a thread to start: ``Thread.start`` waits until the new thread runs, ~0.4 ms after
-    an idle, here on the way from a run's claim to its first node. A failure is logged as
-    ``<what>_not_started``; ``start()`` runs here if the pool is gone (interpreter exit)."""
+    Meant for starting a thread: ``Thread.start`` waits until the new thread runs (~0.4
+    ms after an idle, on the way from a run's claim to its first node). A failure is
+    logged as ``<what>_not_started``; ``start()`` runs here if no pool thread can start
+    (interpreter shutdown)."""
 
     def starting() -> None:
         try:
@@ -160,7 +161,14 @@ def run_inline(early: Early, transaction: Callable[[], _T]) -> _T:
     running to its end. The transaction always ends before this returns or raises: it
     holds the run's connection."""
     context = contextvars.copy_context()  # the run's bound log fields, on that thread too
-    future = _transaction_pool.submit(context.run, transaction)
+    try:
+        future = _transaction_pool.submit(context.run, transaction)
+    except RuntimeError:
+        # No thread can start (interpreter shutdown): the transaction, then the node.
+        made = transaction()
+        if not early.abort.is_set():
+            early.calls[0].run_here()
+        return made
     try:
         early.calls[0].run_here()
         return future.result()
@@ -247,8 +255,8 @@ class _NodeCall:
         return ctx, budget
 
     def run_here(self) -> None:
-        """The first attempt, on this thread (``NodeType.inline``), kept as ``first``: a
-        future already done, which :func:`invoke_all` reads as it reads a thread's."""
+        """The first attempt, on this thread (``NodeType.inline``), kept as ``first``:
+        done already (:class:`_Done`), and read by :func:`invoke_all` as a thread's."""
         made = self._context()
         if made is None:
             return  # invoke_all finds the run's time out

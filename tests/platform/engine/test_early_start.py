@@ -305,6 +305,27 @@ def test_no_thread_for_an_early_start_runs_the_phase_the_common_way(
     assert _balanced(session, user) == 9
 
 
+def test_no_thread_beside_an_inline_node_runs_its_transaction_then_the_node(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread can start for the transaction beside an inline node (the interpreter is
+    shutting down): the transaction runs first, on the run's thread, then the node; the
+    run completes."""
+    from flowbuilder.platform.engine import invoke
+
+    class _Closed:
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(invoke, "_transaction_pool", _Closed())
+    user, ex = _prepare(session, "test_plain", "test_inline_probe")
+    result = run_execution(ex.id)
+    assert result.outcome == Outcome.COMPLETED
+    assert _probe.committed_running is True  # its phase's start committed before it ran
+    assert _probe.thread == threading.get_ident()
+    assert _balanced(session, user) == 8
+
+
 def test_a_type_no_longer_registered_is_not_pure() -> None:
     from flowbuilder.platform.engine.invoke import all_pure
 
