@@ -1150,7 +1150,8 @@ def _memory_snapshot(
                 state.outputs_by_node[node_id] = value
         for phase, values in phases:
             for name in _RECORDED_FIELDS:
-                set_committed_value(phase, name, values.get(name))
+                if name in values:  # loaded before (a phase the engine read has them all)
+                    set_committed_value(phase, name, values[name])
 
     return undo
 
